@@ -1,0 +1,386 @@
+"""Tests of train_tst.py and data/: CPU, eager (one compile smoke test), tiny models.
+
+    python -m pytest -q test_train.py
+"""
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_tst as T
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_module(relpath):
+    spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], os.path.join(HERE, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare = load_module("data/prepare.py")
+download = load_module("data/cached_fineweb10B.py")
+
+VOCAB = 256
+
+
+def markov_tokens(n, seed=0):
+    """A learnable stream over a quarter of the vocabulary: each token is 3x the last plus small noise."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 4, n)
+    t = np.zeros(n, dtype=np.int64)
+    for i in range(1, n):
+        t[i] = (3 * t[i - 1] + noise[i]) % (VOCAB // 4)
+    return t
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    tokens = markov_tokens(60_000)
+    prepare.write_shard(d / "t_val_000000.bin", tokens[:4_000])
+    prepare.write_shard(d / "t_train_000001.bin", tokens[4_000:30_000])
+    prepare.write_shard(d / "t_train_000002.bin", tokens[30_000:])
+    return d
+
+
+def tiny(shards, tmp_path, *extra, steps=12):
+    return ["--train_files", str(shards / "t_train_*.bin"), "--val_files", str(shards / "t_val_*.bin"),
+            "--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--seq_len", "16", "--batch_size", "4",
+            "--vocab_size", str(VOCAB), "--val_tokens", "512", "--steps", str(steps), "--val_every", "4",
+            "--log_every", "1", "--warmup_steps", "2", "--lr", "0.03", "--embed_lr", "0.03", "--no-compile",
+            "--log_dir", str(tmp_path / "logs"), "--run_id", "run", *extra]
+
+
+def log_lines(tmp_path, run_id="run"):
+    text = open(tmp_path / "logs" / f"{run_id}.txt").read()
+    return text.split("\n" + "=" * 100 + "\n", 1)[1].splitlines()
+
+
+def val_losses(lines):
+    return {int(m.group(1)): float(m.group(2)) for m in (re.match(r"step:(\d+)/\d+ val_loss:(\S+)", l) for l in lines) if m}
+
+
+def train_rows(lines):
+    pattern = r"step:(\d+)/\d+ train_loss:(\S+) phase:(\w+) s:(\d+) .*tokens:(\d+)"
+    return [(int(m[1]), float(m[2]), m[3], int(m[4]), int(m[5])) for m in (re.match(pattern, l) for l in lines) if m]
+
+
+# ---------------------------------------------------------------------------------------------------
+# TST math
+
+def reference_mce(logits, targets, weights):
+    """Float64, slot by slot, row by row: sum_k w_k * mean over valid rows of -log softmax(z)[y_k]."""
+    z = logits.double()
+    logp = z - torch.logsumexp(z, dim=1, keepdim=True)
+    s = targets.size(1)
+    w = torch.ones(s, dtype=torch.float64) if weights is None else weights.double()
+    w = w / w.sum()
+    total = 0.0
+    for k in range(s):
+        rows = [n for n in range(len(z)) if targets[n, k] != T.IGNORE]
+        if rows:
+            total = total + w[k] * sum(-logp[n, targets[n, k]] for n in rows) / len(rows)
+    return total
+
+
+@pytest.mark.parametrize("s,weights", [(1, None), (3, None), (4, "power"), (8, None)])
+def test_mce_matches_float64_reference_value_and_gradient(s, weights):
+    g = torch.Generator().manual_seed(s)
+    logits = torch.randn(12, 50, generator=g) * 3
+    targets = torch.randint(50, (12, s), generator=g)
+    targets[torch.rand(12, s, generator=g) < 0.25] = T.IGNORE
+    w = T.slot_weights(s, weights or "uniform", "cpu")
+    z = logits.clone().requires_grad_()
+    loss = T.multi_hot_cross_entropy(z, targets, w)
+    loss.backward()
+    z64 = logits.double().requires_grad_()
+    ref = reference_mce(z64, targets, w)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(z.grad.double(), z64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_mce_is_mean_of_stock_cross_entropies_and_ce_when_s_is_1():
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(64, 100, generator=g), torch.randint(100, (64, 4), generator=g)
+    targets[-1, 1:] = T.IGNORE
+    stock = sum(F.cross_entropy(logits, targets[:, k]) for k in range(4)) / 4
+    assert T.multi_hot_cross_entropy(logits, targets).item() == pytest.approx(stock.item(), rel=1e-6)
+    one = targets[:, :1]
+    assert T.multi_hot_cross_entropy(logits, one).item() == pytest.approx(F.cross_entropy(logits, one[:, 0]).item(), rel=1e-6)
+
+
+def test_mce_at_init_is_ln_V_not_ln_V_over_s():
+    V = 50304
+    loss = T.multi_hot_cross_entropy(torch.zeros(4, V), torch.randint(V, (4, 8)))
+    assert loss.item() == pytest.approx(math.log(V), rel=1e-6)
+
+
+def test_make_bags_aligns_bag_j_with_the_tokens_of_bag_j_plus_1():
+    s, T_ = 3, 4
+    tokens = torch.arange(2 * (s * T_ + 1)).view(2, s * T_ + 1)
+    inputs, targets = T.make_bags(tokens, s)
+    assert inputs.shape == targets.shape == (2, T_, s)
+    assert inputs[0, 1].tolist() == [3, 4, 5]
+    assert targets[0, 1].tolist() == [6, 7, 8]  # the next bag
+    assert targets[0, -1].tolist() == [12, T.IGNORE, T.IGNORE]  # only one token is left in the window
+    assert targets[1, 0].tolist() == [16, 17, 18]
+    labels = tokens[:, 1:]  # ordinary next-token labels, shifted left by s-1
+    assert torch.equal(targets.flatten(1)[:, :-(s - 1)], labels[:, s - 1:])
+
+
+def test_next_tokens_gives_each_position_its_next_k_tokens():
+    tokens = torch.arange(6).view(1, 6)
+    assert T.next_tokens(tokens, 3)[0].tolist() == [[1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, -100], [5, -100, -100]]
+
+
+def test_embed_bags_is_the_float32_mean_and_s1_bags_are_the_baseline():
+    torch.manual_seed(0)
+    model = T.GPT(VOCAB, 2, 32, 2, 16)
+    nn_init = [p for n, p in model.named_parameters() if "proj" in n or "lm_head" in n]
+    for p in nn_init:  # give the zero-initialised layers weights so the loss depends on everything
+        torch.nn.init.normal_(p, std=0.02)
+    bags = torch.randint(VOCAB, (2, 16, 4))
+    expected = model.wte.weight[bags].double().mean(2).float()
+    torch.testing.assert_close(T.embed_bags(model.wte, bags), expected)
+    tokens = torch.randint(VOCAB, (2, 17))
+    plain = model(tokens[:, :-1], tokens[:, 1:])
+    as_bags = model(*T.make_bags(tokens, 1))
+    assert plain.item() == pytest.approx(as_bags.item(), rel=1e-6)
+
+
+def test_tst_schedule_parsing_and_switch_steps():
+    assert T.parse_tst_schedule("", 100) == []
+    assert T.parse_tst_schedule("8:0.3", 10) == [(8, 3)]
+    assert T.parse_tst_schedule("8:0.1,4:0.1,2:0.1", 400) == [(8, 40), (4, 80), (2, 120)]
+    phases = T.parse_tst_schedule("6:0.35", 7)  # floor(0.35 * 7) = 2
+    assert [T.bag_size_at(k, phases) for k in range(7)] == [6, 6, 1, 1, 1, 1, 1]
+    for bad in ["8", "8:x", "0:0.2", "4:1.2", "8:0.6,4:0.5", "a:b"]:
+        with pytest.raises(T.UsageError):
+            T.parse_tst_schedule(bad, 100)
+
+
+def test_lr_schedule_is_warmup_stable_decay():
+    args = T.parse_args(["--steps", "100", "--warmup_steps", "10", "--cooldown_frac", "0.2"])
+    got = [T.lr_multiplier(k, args) for k in (0, 9, 10, 79, 80, 90, 99)]
+    assert got == pytest.approx([0.1, 1.0, 1.0, 1.0, 1.0, 0.5, 0.05])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data loading
+
+def test_rank_windows_are_disjoint_deterministic_and_independent_of_world_size(shards):
+    pattern = str(shards / "t_train_*.bin")
+    one = T.ShardLoader(pattern, 4, 0, 1, VOCAB)
+    two = [T.ShardLoader(pattern, 4, r, 2, VOCAB) for r in range(2)]
+    for window in (17, 65, 17):
+        whole = one.next_batch(window)
+        parts = [loader.next_batch(window) for loader in two]
+        assert torch.equal(torch.cat(parts), whole)
+        assert whole.shape == (4, window)
+        assert torch.equal(whole[1:, 0], whole[:-1, -1])  # windows overlap by exactly one token
+    again = T.ShardLoader(pattern, 4, 0, 1, VOCAB)
+    for window in (17, 65, 17):
+        again.next_batch(window)
+    assert again.state_dict() == one.state_dict()
+
+
+def test_loader_walks_shards_in_order_and_wraps_to_a_new_epoch(shards):
+    loader = T.ShardLoader(str(shards / "t_train_*.bin"), 4, 0, 1, VOCAB)
+    seen = []
+    for _ in range(40):
+        loader.next_batch(1001)
+        seen.append((loader.shard, loader.epoch))
+    assert seen[0] == (0, 0) and (1, 0) in seen and seen[-1][1] >= 1
+
+
+def test_val_slice_is_fixed_and_split_over_ranks(shards):
+    pattern = str(shards / "t_val_*.bin")
+    whole = T.load_val_windows(pattern, 512, 16, 0, 1, VOCAB)
+    halves = [T.load_val_windows(pattern, 512, 16, r, 2, VOCAB) for r in range(2)]
+    assert whole.shape == (32, 17) and torch.equal(torch.cat(halves), whole)
+    assert whole[0, 0] == 0 and torch.equal(whole[1:, 0], whole[:-1, -1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer end to end
+
+def test_cli_trains_both_phases_and_writes_the_record_log(shards, tmp_path):
+    args = tiny(shards, tmp_path, "--tst_s", "2", "--tst_r", "0.5", steps=16)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train_tst.py"), *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = open(tmp_path / "logs" / "run.txt").read()
+    source, rest = text.split("\n" + "=" * 100 + "\n", 1)
+    assert source == open(os.path.join(HERE, "train_tst.py")).read()
+    lines = rest.splitlines()
+    settings = json.loads(next(l for l in lines if l.startswith("{")))
+    assert settings["tst_s"] == 2 and settings["steps"] == 16
+    rows = train_rows(lines)
+    assert {r[2] for r in rows} == {"tst", "ntp"}
+    vals = val_losses(lines)
+    assert vals[0] == pytest.approx(math.log(VOCAB), abs=0.01)  # zero-initialised head: uniform prediction
+    assert vals[16] < vals[0] - 1.0
+    assert any(l.startswith("checkpoint: step:8 phase switch s:2->1") for l in lines)
+    assert lines[-1].startswith("done: step:16/16 val_loss:") and lines[-1].endswith("target:none")
+    assert "step:16/16 val_loss:" in proc.stdout
+
+
+def test_phase_switch_at_floor_r_n_and_token_accounting(shards, tmp_path):
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "4", "--tst_r", "0.35", steps=10)) == 0
+    rows = train_rows(log_lines(tmp_path))
+    assert [(step, phase, s) for step, _, phase, s, _ in rows] == [(k, "tst" if k <= 3 else "ntp", 4 if k <= 3 else 1) for k in range(1, 11)]
+    B, T_ = 4, 16
+    assert [r[4] for r in rows] == [B * T_ * (4 * min(k, 3) + max(0, k - 3)) for k in range(1, 11)]
+
+
+def test_output_only_mode_reads_no_extra_data_and_input_only_predicts_one_token(shards, tmp_path):
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "4", "--tst_mode", "output", "--run_id", "out", steps=6)) == 0
+    assert [r[4] for r in train_rows(log_lines(tmp_path, "out"))] == [4 * 16 * k for k in range(1, 7)]
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "4", "--tst_mode", "input", "--tst_weights", "power", "--run_id", "in", steps=6)) == 0
+    assert train_rows(log_lines(tmp_path, "in"))[0][4] == 4 * 16 * 4
+
+
+def test_tst_s1_is_exactly_the_baseline_and_same_seed_is_deterministic(shards, tmp_path):
+    assert T.main(tiny(shards, tmp_path, "--run_id", "a")) == 0
+    assert T.main(tiny(shards, tmp_path, "--run_id", "b", "--tst_s", "1", "--tst_r", "0.5", "--tst_mode", "output")) == 0
+    a, b = log_lines(tmp_path, "a"), log_lines(tmp_path, "b")
+    assert val_losses(a) == val_losses(b) and [r[:2] for r in train_rows(a)] == [r[:2] for r in train_rows(b)]
+
+
+def test_target_val_loss_stops_at_the_first_validation_under_it(shards, tmp_path):
+    assert T.main(tiny(shards, tmp_path, "--target_val_loss", "5.0", steps=40)) == 0
+    lines = log_lines(tmp_path)
+    vals = val_losses(lines)
+    first = min(k for k, v in vals.items() if v <= 5.0)
+    assert max(vals) == first < 40
+    assert re.search(rf"target:reached 5.0 at step:{first} train_time:\d+ms$", lines[-1])
+
+
+def test_muon_optimizer_trains(shards, tmp_path):
+    assert T.main(tiny(shards, tmp_path, "--optimizer", "muon", "--tst_s", "2")) == 0
+    vals = val_losses(log_lines(tmp_path))
+    assert vals[12] < vals[0] - 1.0
+
+
+def test_multi_token_prediction_weights_anneal_to_next_token(shards, tmp_path):
+    assert T.mtp_weights(3, 0.0, "cpu").tolist() == [1.0, 0.5, 0.25]
+    assert T.mtp_weights(3, 1.0, "cpu").tolist() == [1.0, 0.0, 0.0]
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--mtp_k", "3")) == 0
+    assert val_losses(log_lines(tmp_path))[12] < math.log(VOCAB) - 1.0
+
+
+def test_annealed_schedule_logs_each_switch(shards, tmp_path):
+    assert T.main(tiny(shards, tmp_path, "--tst_schedule", "4:0.25,2:0.25", steps=12)) == 0
+    lines = log_lines(tmp_path)
+    assert [r[3] for r in train_rows(lines)] == [4] * 3 + [2] * 3 + [1] * 6
+    switches = [l for l in lines if "phase switch" in l]
+    assert [s.split()[1] for s in switches] == ["step:3", "step:6"]
+
+
+def test_compiled_smoke_step(shards, tmp_path):
+    args = tiny(shards, tmp_path, "--tst_s", "2", "--tst_r", "0.5", steps=2)
+    args[args.index("--no-compile")] = "--compile"
+    assert T.main(args) == 0
+    rows = train_rows(log_lines(tmp_path))
+    assert [r[3] for r in rows] == [2, 1] and all(math.isfinite(r[1]) for r in rows)
+
+
+def test_ddp_two_gloo_processes_match_one_process_with_accumulation(shards, tmp_path):
+    common = tiny(shards, tmp_path, "--tst_s", "2", "--micro_batch_size", "2", steps=8)
+    assert T.main(common + ["--run_id", "one"]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(HERE, "train_tst.py"), *common, "--run_id", "two"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = val_losses(log_lines(tmp_path, "one")), val_losses(log_lines(tmp_path, "two"))
+    assert one.keys() == two.keys()
+    for k in one:
+        assert two[k] == pytest.approx(one[k], abs=2e-4)
+    assert "x2" in open(tmp_path / "logs" / "two.txt").read().split("=" * 100)[1]
+
+
+def test_resume_matches_an_uninterrupted_run(shards, tmp_path):
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--save_every", "5", "--run_id", "full", steps=12)) == 0
+    ckpt = tmp_path / "logs" / "full" / "step_000005.pt"
+    assert ckpt.exists()
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "resumed", "--resume", str(ckpt), steps=12)) == 0
+    full, resumed = log_lines(tmp_path, "full"), log_lines(tmp_path, "resumed")
+    assert f"resumed from {ckpt} at step 5" in resumed
+    assert {k: v for k, v in val_losses(full).items() if k > 5} == val_losses(resumed)
+    assert [r for r in train_rows(full) if r[0] > 5] == train_rows(resumed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reliability: interruption, divergence, atomic checkpoints
+
+def test_sigterm_checkpoints_closes_the_log_and_resume_gives_the_same_losses(shards, tmp_path):
+    args = tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "cut", steps=60)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train_tst.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step:3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    lines = log_lines(tmp_path, "cut")
+    assert lines[-1].startswith("interrupted: SIGTERM at step:")
+    ckpt = lines[-1].split("--resume ")[1]
+    cut_step = int(re.search(r"step_(\d+)\.pt", ckpt).group(1))
+    assert 3 <= cut_step < 60 and os.path.exists(ckpt)
+    assert not [f for f in os.listdir(os.path.dirname(ckpt)) if ".tmp" in f]
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "cut", "--resume", ckpt, steps=60)) == 0
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "whole", steps=60)) == 0
+    cut, whole = log_lines(tmp_path, "cut"), log_lines(tmp_path, "whole")
+    assert any(l.startswith(f"resumed from {ckpt} at step {cut_step}") for l in cut)
+    assert val_losses(cut) == val_losses(whole)
+    assert cut[-1].startswith("done: step:60/60")
+
+
+def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch, capsys):
+    real_forward = T.GPT.forward
+    calls = []
+
+    def poisoned(self, inputs, targets, slot_weights=None):
+        calls.append(self.training)
+        loss = real_forward(self, inputs, targets, slot_weights)
+        return loss * float("nan") if sum(calls) == 9 and self.training else loss  # the 9th train step
+
+    monkeypatch.setattr(T.GPT, "forward", poisoned)
+    code = T.main(tiny(shards, tmp_path, "--save_every", "4", "--val_every", "0", steps=12))
+    assert code == 1
+    assert "non-finite train loss nan at step 9 (phase ntp, s=1)" in capsys.readouterr().err
+    ckpts = sorted(os.listdir(tmp_path / "logs" / "run"))
+    assert ckpts == ["step_000004.pt", "step_000008.pt"]
+    state = torch.load(tmp_path / "logs" / "run" / "step_000008.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert log_lines(tmp_path)[-1].startswith("failed: step:9/12 Diverged: non-finite train loss")
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "c" / "step.pt")
+    T.save_checkpoint(path, {"step": 1})
+
+    def dies_midway(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=True) == {"step": 1}

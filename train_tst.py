@@ -1,0 +1,769 @@
+"""train_tst.py: a single-file GPT speedrun trainer with Token Superposition Training (TST).
+
+TST (Peng, Gigant, Quesnelle, arXiv 2605.06546): for the first fraction r of the steps the model reads
+bags of s contiguous tokens (each position's input is the mean of its s token embeddings) and learns to
+predict the next bag with a multi-hot cross-entropy; after that it trains as a plain next-token GPT with
+the same weights, optimizer state and learning-rate schedule. A step costs the same FLOPs either way, but
+a superposition step reads s times the text. With --tst_s 1 (the default) this is the plain baseline.
+
+    python train_tst.py --tst_s 4                               # CPU preset, bundled sample
+    torchrun --standalone --nproc_per_node=8 train_tst.py --tst_s 8    # GPT-2 small on FineWeb
+
+Read top to bottom: hyperparameters, data, model, TST, optimizer and schedule, training loop, logging.
+"""
+import argparse
+import contextlib
+import copy
+import glob
+import hashlib
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+with open(__file__) as _f:
+    CODE = _f.read()  # the record log starts with the exact source that produced it
+CODE_SHA = hashlib.sha256(CODE.encode()).hexdigest()[:16]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class UsageError(Exception):
+    """Bad input (a flag, a shard, a checkpoint): reported on one line, exit code 2."""
+
+
+class Diverged(Exception):
+    """A non-finite loss: the run stops at once, exit code 1."""
+
+
+# -----------------------------------------------------------------------------------------------------
+# Hyperparameters
+
+PRESETS = {
+    # The modded-nanogpt speedrun shape: GPT-2 small, 512 x 1024 = 524,288 tokens per step.
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=6, seq_len=1024, batch_size=512, micro_batch_size=64,
+                 steps=5000, optimizer="muon", lr=0.003, embed_lr=0.003, warmup_steps=100,
+                 cooldown_frac=0.4, val_every=125, val_tokens=10_485_760, log_every=1),
+    # Small enough to train in minutes on two CPU cores.
+    "cpu": dict(n_layer=4, n_embd=128, n_head=4, seq_len=256, batch_size=8, micro_batch_size=8,
+                steps=400, optimizer="adamw", lr=0.003, embed_lr=0.003, warmup_steps=20,
+                cooldown_frac=0.4, val_every=50, val_tokens=32_768, log_every=10),
+}
+VOCAB_SIZE = 50304  # GPT-2's 50257 tokens, padded to a multiple of 128 for fast matmuls
+IGNORE = -100  # target id that no loss counts (F.cross_entropy's ignore_index)
+CHECKPOINT_FORMAT = 1
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--train_files", default=None, help="glob of train shards (default: data/fineweb10B, else the bundled sample)")
+    g.add_argument("--val_files", default=None, help="glob of val shards (same default)")
+    g.add_argument("--val_tokens", type=int, help="size of the fixed validation slice (preset)")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", choices=["auto", "gpt2", "cpu"], default="auto", help="auto: gpt2 with CUDA, cpu without")
+    g.add_argument("--n_layer", type=int)
+    g.add_argument("--n_embd", type=int)
+    g.add_argument("--n_head", type=int)
+    g.add_argument("--seq_len", type=int, help="model positions per sequence, T")
+    g.add_argument("--vocab_size", type=int, default=VOCAB_SIZE)
+    g = p.add_argument_group("token superposition (TST)")
+    g.add_argument("--tst_s", type=int, default=1, help="bag size s; 1 turns TST off")
+    g.add_argument("--tst_r", type=float, default=0.3, help="fraction of the steps in the superposition phase")
+    g.add_argument("--tst_schedule", default=None, help='piecewise bag sizes "s:fraction,...", e.g. "8:0.1,4:0.1,2:0.1"; replaces --tst_s/--tst_r')
+    g.add_argument("--tst_mode", choices=["full", "input", "output"], default="full",
+                   help="full: bags in, next bag out; input: bags in, next token out; output: tokens in, next s tokens out")
+    g.add_argument("--tst_weights", choices=["uniform", "power"], default="uniform", help="weights of the bag slots in the loss (power: 1/i)")
+    g.add_argument("--mtp_k", type=int, default=1, help="after TST, also predict the next k tokens from the same logits, weights annealed to plain next-token (1: off)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, help="optimizer steps, N")
+    g.add_argument("--batch_size", type=int, help="sequences per step, over all processes")
+    g.add_argument("--micro_batch_size", type=int, help="sequences per forward pass and process (gradient accumulation makes up the rest)")
+    g.add_argument("--optimizer", choices=["adamw", "muon"])
+    g.add_argument("--lr", type=float, help="peak learning rate (Muon uses it with AdamW-matched update RMS)")
+    g.add_argument("--embed_lr", type=float, help="peak learning rate of the embedding table")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="decoupled weight decay of the hidden matrices")
+    g.add_argument("--warmup_steps", type=int)
+    g.add_argument("--cooldown_frac", type=float, help="fraction of the steps over which the LR decays linearly to 0")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("speedrun, logging and checkpoints")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on with CUDA)")
+    g.add_argument("--val_every", type=int, help="validate every K steps (0: only at the start and the end)")
+    g.add_argument("--target_val_loss", type=float, default=None, help="stop at the first validation at or under this loss")
+    g.add_argument("--log_every", type=int, help="write a train line every K steps")
+    g.add_argument("--log_dir", default="logs")
+    g.add_argument("--run_id", default=None, help="log name (default: time and settings)")
+    g.add_argument("--save_every", type=int, default=0, help="checkpoint every K steps (0: only at phase switches and the end)")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from (same flags otherwise)")
+    g.add_argument("--peak_tflops", type=float, default=989.0, help="accelerator bf16 peak for MFU (H100 SXM: 989)")
+    return p
+
+
+def parse_args(argv=None, world_size=None):
+    """Resolve the preset, fill defaults and reject impossible values before any work starts."""
+    args = build_parser().parse_args(argv)
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
+    if args.preset == "auto":
+        args.preset = "gpt2" if torch.cuda.is_available() else "cpu"
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.micro_batch_size * world_size > args.batch_size:
+        args.micro_batch_size = max(1, args.batch_size // world_size)
+    if args.compile is None:
+        args.compile = torch.cuda.is_available()
+    for pattern, split in (("train_files", "train"), ("val_files", "val")):
+        if getattr(args, pattern) is None:
+            setattr(args, pattern, default_shards(split))
+    if args.tst_schedule is None:
+        args.tst_schedule = f"{args.tst_s}:{args.tst_r}" if args.tst_s > 1 else ""
+    elif args.tst_s != 1:
+        raise UsageError("give either --tst_schedule or --tst_s/--tst_r, not both")
+    if not 0 <= args.tst_r < 1:
+        raise UsageError(f"--tst_r must be in [0, 1), got {args.tst_r}")
+    if args.tst_s < 1:
+        raise UsageError(f"--tst_s must be at least 1, got {args.tst_s}")
+    positive = ["n_layer", "n_embd", "n_head", "steps", "batch_size", "micro_batch_size", "val_tokens",
+                "log_every", "mtp_k", "lr", "embed_lr", "peak_tflops"]
+    for key in positive:
+        if getattr(args, key) <= 0:
+            raise UsageError(f"--{key} must be positive, got {getattr(args, key)}")
+    for key in ["warmup_steps", "val_every", "save_every", "weight_decay"]:
+        if getattr(args, key) < 0:
+            raise UsageError(f"--{key} must not be negative, got {getattr(args, key)}")
+    if not 0 <= args.cooldown_frac <= 1:
+        raise UsageError(f"--cooldown_frac must be in [0, 1], got {args.cooldown_frac}")
+    if args.seq_len < 2:
+        raise UsageError(f"--seq_len must be at least 2, got {args.seq_len}")
+    if not 2 <= args.vocab_size <= 65536:
+        raise UsageError(f"--vocab_size must be in [2, 65536] (shards hold uint16 ids), got {args.vocab_size}")
+    if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
+        raise UsageError(f"--n_embd {args.n_embd} must split into --n_head {args.n_head} heads of even size")
+    if args.batch_size % (world_size * args.micro_batch_size):
+        raise UsageError(f"--batch_size {args.batch_size} must be a multiple of {world_size} processes"
+                         f" x --micro_batch_size {args.micro_batch_size}")
+    if args.val_tokens % (world_size * args.seq_len):
+        raise UsageError(f"--val_tokens {args.val_tokens} must be a multiple of {world_size} processes x --seq_len {args.seq_len}")
+    if args.target_val_loss is not None and args.target_val_loss <= 0:
+        raise UsageError(f"--target_val_loss must be positive, got {args.target_val_loss}")
+    args.phases = parse_tst_schedule(args.tst_schedule, args.steps)
+    return args
+
+
+# -----------------------------------------------------------------------------------------------------
+# Data: shards in the llm.c / modded-nanogpt format, read through np.memmap
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = 4 * HEADER_INTS  # then header[2] uint16 tokens
+
+
+def default_shards(split):
+    """FineWeb's layout when data/fineweb10B exists, else the bundled sample."""
+    fineweb = os.path.join(HERE, "data", "fineweb10B")
+    if os.path.isdir(fineweb):
+        return os.path.join(fineweb, f"fineweb_{split}_*.bin")
+    return os.path.join(HERE, "data", "sample", f"sample_{split}_*.bin")
+
+
+def read_shard(path):
+    """The tokens of one shard as a read-only uint16 memmap, after checking header and size."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read shard ({e.strerror or e})") from None
+    if len(header) < HEADER_INTS:
+        raise UsageError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte shard header")
+    if header[0] != SHARD_MAGIC:
+        raise UsageError(f"{path}: magic number {header[0]} is not {SHARD_MAGIC}: not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise UsageError(f"{path}: shard version {header[1]} is not {SHARD_VERSION}")
+    n_tokens = int(header[2])
+    if n_tokens <= 0 or size != HEADER_BYTES + 2 * n_tokens:
+        raise UsageError(f"{path}: header says {n_tokens} tokens ({HEADER_BYTES + 2 * max(n_tokens, 0)} bytes)"
+                         f" but the file has {size} bytes: truncated or corrupt")
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+def find_shards(pattern):
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise UsageError(f"no shard matches {pattern} (see data/README.md to download or prepare shards)")
+    return files
+
+
+def check_token_ids(tokens, vocab_size, path, offset):
+    """Ids at or past the vocabulary would index past the embedding table: refuse them by name."""
+    top = int(tokens.max())
+    if top >= vocab_size:
+        where = offset + int(np.argmax(tokens >= vocab_size))
+        raise UsageError(f"{path}: token id {top} at position {where} is not below --vocab_size {vocab_size}")
+
+
+class ShardLoader:
+    """Walks the train shards in order, one contiguous chunk per step.
+
+    A step's chunk holds batch_size windows of `window` tokens, each overlapping the next by one token
+    (the last target of a window is the first input of the next). Rank r takes the r-th equal share of
+    windows, so the global batch, and the result, do not depend on the number of processes. A shard's
+    tail shorter than a chunk is skipped; after the last shard the walk starts over (a new epoch).
+    """
+
+    def __init__(self, pattern, batch_size, rank, world_size, vocab_size):
+        self.files = find_shards(pattern)
+        self.shards = [read_shard(f) for f in self.files]
+        self.batch_size, self.rank, self.world_size, self.vocab_size = batch_size, rank, world_size, vocab_size
+        self.shard = self.offset = self.epoch = 0
+
+    def chunk_tokens(self, window):
+        return self.batch_size * (window - 1) + 1
+
+    def check_fits(self, window):
+        need, longest = self.chunk_tokens(window), max(len(s) for s in self.shards)
+        if need > longest:
+            raise UsageError(f"a step needs {need} consecutive tokens ({self.batch_size} windows of {window}) but the"
+                             f" longest train shard holds {longest}: lower --batch_size, --seq_len or the bag size")
+
+    def next_batch(self, window):
+        """This rank's windows of the next step, an int64 tensor (batch_size / world_size, window)."""
+        need = self.chunk_tokens(window)
+        while self.offset + need > len(self.shards[self.shard]):
+            self.shard, self.offset = self.shard + 1, 0
+            if self.shard == len(self.shards):
+                self.shard, self.epoch = 0, self.epoch + 1
+        chunk = self.shards[self.shard][self.offset:self.offset + need]
+        check_token_ids(chunk, self.vocab_size, self.files[self.shard], self.offset)
+        self.offset += need - 1
+        share = self.batch_size // self.world_size * (window - 1)
+        mine = torch.from_numpy(chunk[self.rank * share:(self.rank + 1) * share + 1].astype(np.int64))
+        return mine.unfold(0, window, window - 1).contiguous()
+
+    def state_dict(self):
+        return dict(shard=self.shard, offset=self.offset, epoch=self.epoch)
+
+    def load_state_dict(self, state):
+        self.shard, self.offset, self.epoch = state["shard"], state["offset"], state["epoch"]
+
+
+def load_val_windows(pattern, n_tokens, seq_len, rank, world_size, vocab_size):
+    """The fixed validation slice: the first n_tokens (+1) of the val shards, this rank's share of windows."""
+    files, parts, have = find_shards(pattern), [], 0
+    for path in files:
+        tokens = read_shard(path)[:n_tokens + 1 - have]
+        check_token_ids(tokens, vocab_size, path, 0)
+        parts.append(np.asarray(tokens))
+        have += len(tokens)
+        if have == n_tokens + 1:
+            break
+    else:
+        raise UsageError(f"--val_tokens {n_tokens} needs {n_tokens + 1} tokens but the val shards {pattern} hold {have}")
+    windows = torch.from_numpy(np.concatenate(parts).astype(np.int64)).unfold(0, seq_len + 1, seq_len)
+    share = len(windows) // world_size
+    return windows[rank * share:(rank + 1) * share].contiguous()
+
+
+# -----------------------------------------------------------------------------------------------------
+# Model: a small modern GPT (RoPE, RMSNorm, QK-norm, ReLU^2, untied head, zero-initialised output layers)
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim, max_len, base=10000.0):
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_len).float(), base ** (-torch.arange(0, head_dim, 2).float() / head_dim))
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, x):  # (B, H, T, D); position t is the t-th input vector (a bag index under TST)
+        cos, sin = self.cos[:x.size(-2)], self.sin[:x.size(-2)]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim, n_head, max_len):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, dim // n_head
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.rotary = Rotary(self.head_dim, max_len)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.rotary(norm(q)), self.rotary(norm(k))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPU
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(dim, 4 * dim, bias=False)
+        self.proj = nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, dim, n_head, max_len):
+        super().__init__()
+        self.attn = CausalSelfAttention(dim, n_head, max_len)
+        self.mlp = MLP(dim)
+
+    def forward(self, x):
+        x = x + self.attn(norm(x))
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size, n_layer, n_embd, n_head, max_len):
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.blocks = nn.ModuleList([Block(n_embd, n_head, max_len) for _ in range(n_layer)])
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        for layer in [self.lm_head] + [m for b in self.blocks for m in (b.attn.proj, b.mlp.proj)]:
+            nn.init.zeros_(layer.weight)  # every residual branch and the head start as no-ops
+
+    def forward(self, inputs, targets, slot_weights=None):
+        """Mean loss. inputs (B, T) token ids, or (B, T, s) bags; targets (B, T), or (B, T, s) for several."""
+        x = embed_bags(self.wte, inputs) if inputs.dim() == 3 else self.wte(inputs)
+        x = norm(x)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(norm(x)).float()
+        V = logits.size(-1)
+        if targets.dim() == 2:
+            return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=IGNORE)
+        return multi_hot_cross_entropy(logits.view(-1, V), targets.reshape(-1, targets.size(-1)), slot_weights)
+
+
+def model_flops_per_token(model, seq_len):
+    """6 FLOPs per matmul weight per token (forward and backward) plus attention's 12 * layers * width * T."""
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if n != "wte.weight")
+    return 6 * matmul_params + 12 * len(model.blocks) * model.wte.embedding_dim * seq_len
+
+
+# -----------------------------------------------------------------------------------------------------
+# Token Superposition Training: the whole method is these functions
+
+def parse_tst_schedule(text, steps):
+    """'8:0.1,4:0.1' -> [(8, 40), (4, 80)] for 400 steps: each bag size and the step its piece ends at.
+    Plain next-token training follows the last piece. '' (TST off) -> []."""
+    phases, fraction = [], 0.0
+    for piece in filter(None, text.replace(" ", "").split(",")):
+        try:
+            size, frac = piece.split(":")
+            size, frac = int(size), float(frac)
+        except ValueError:
+            raise UsageError(f"--tst_schedule piece {piece!r} is not 'bag_size:fraction'") from None
+        if size < 1 or not 0 <= frac < 1:
+            raise UsageError(f"--tst_schedule piece {piece!r}: bag size must be >= 1 and fraction in [0, 1)")
+        fraction += frac
+        if fraction >= 1:
+            raise UsageError(f"--tst_schedule {text!r}: fractions sum to {fraction:g}, leaving no next-token phase")
+        phases.append((size, math.floor(fraction * steps + 1e-9)))
+    return [(size, end) for size, end in phases if size > 1]
+
+
+def bag_size_at(step, phases):
+    """The bag size s of a step; 1 once the superposition pieces are over."""
+    return next((size for size, end in phases if step < end), 1)
+
+
+def window_tokens(s, mode, seq_len):
+    """Tokens per sequence window: s*T+1 when bags are read (full, input); T+1 otherwise."""
+    return seq_len * (s if mode != "output" else 1) + 1
+
+
+def make_bags(tokens, s):
+    """(B, s*T+1) tokens -> inputs (B, T, s): contiguous bags; targets (B, T, s): bag j's are the tokens of
+    bag j+1 (ordinary next-token labels shifted left by s-1), IGNORE where the window ends."""
+    B, T = tokens.size(0), (tokens.size(1) - 1) // s
+    inputs = tokens[:, :s * T].view(B, T, s)
+    targets = F.pad(tokens[:, s:s * T + 1], (0, s - 1), value=IGNORE).view(B, T, s)
+    return inputs, targets
+
+
+def next_tokens(tokens, k):
+    """(B, T+1) tokens -> targets (B, T, k): position t's next k tokens, IGNORE past the window."""
+    return F.pad(tokens[:, 1:], (0, k - 1), value=IGNORE).unfold(1, k, 1)
+
+
+def embed_bags(wte, bags):
+    """(B, T, s) ids -> (B, T, d): the plain mean of each bag's embeddings, summed in float32."""
+    return wte(bags).float().mean(dim=2).to(wte.weight.dtype)
+
+
+def multi_hot_cross_entropy(logits, targets, weights=None):
+    """MCE = logsumexp(z) - sum_k w_k z[y_k]: the weighted mean over bag slots k of the cross-entropy of the
+    same logits (N, V) against targets (N, s), each slot averaged over its rows that are not IGNORE (a slot
+    with none adds 0). Uniform weights by default; with s = 1 it is F.cross_entropy. One log-softmax over
+    the vocabulary, then s gathered log-probabilities: it costs what one cross-entropy costs, where a loop
+    of s stock cross-entropies costs s log-softmaxes."""
+    valid = targets != IGNORE
+    log_probs = F.log_softmax(logits.float(), dim=-1).gather(1, targets.clamp(min=0))
+    per_slot = -(log_probs * valid).sum(0) / valid.sum(0).clamp(min=1)
+    if weights is None:
+        return per_slot.mean()
+    return (per_slot * weights).sum() / weights.sum()
+
+
+def slot_weights(s, kind, device):
+    """Within-bag loss weights: None for uniform, 1/i for 'power' (the paper's better choice for s >= 8)."""
+    if kind == "uniform" or s == 1:
+        return None
+    return 1.0 / torch.arange(1, s + 1, device=device, dtype=torch.float32)
+
+
+def mtp_weights(k, progress, device):
+    """Multi-token prediction weights for the next k tokens: 1, 1/2, 1/4, ... annealed linearly to plain
+    next-token (1, 0, 0, ...) as progress through the next-token phase goes from 0 to 1."""
+    w = 0.5 ** torch.arange(k, device=device, dtype=torch.float32) * (1.0 - progress)
+    w[0] = 1.0
+    return w
+
+
+def make_batch(tokens, s, args, progress):
+    """Model inputs, targets and slot weights of one step from its token windows."""
+    if s == 1 and args.mtp_k == 1:
+        return tokens[:, :-1], tokens[:, 1:], None
+    if s == 1:
+        return tokens[:, :-1], next_tokens(tokens, args.mtp_k), mtp_weights(args.mtp_k, progress, tokens.device)
+    weights = slot_weights(s, args.tst_weights, tokens.device)
+    if args.tst_mode == "output":
+        return tokens[:, :-1], next_tokens(tokens, s), weights
+    inputs, targets = make_bags(tokens, s)
+    return inputs, (targets[..., 0] if args.tst_mode == "input" else targets), weights
+
+
+# -----------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+def make_optimizers(model, args):
+    """AdamW (betas 0.9/0.95) for everything, or Muon for the hidden matrices and AdamW for the rest."""
+    hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
+    groups = [dict(params=[model.wte.weight], lr=args.embed_lr, weight_decay=0.0),
+              dict(params=[model.lm_head.weight], lr=args.lr, weight_decay=0.0)]
+    fused = torch.cuda.is_available()
+    if args.optimizer == "muon":
+        optimizers = [torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused),
+                      torch.optim.Muon(hidden, lr=args.lr, weight_decay=args.weight_decay, adjust_lr_fn="match_rms_adamw")]
+    else:
+        groups.append(dict(params=hidden, lr=args.lr, weight_decay=args.weight_decay))
+        optimizers = [torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused)]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["peak_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_multiplier(step, args):
+    """Warmup-stable-decay: linear warmup, flat, then linear decay to 0 over the last cooldown_frac of steps."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    cooldown = args.cooldown_frac * args.steps
+    return min(1.0, (args.steps - step) / cooldown) if cooldown > 0 else 1.0
+
+
+# -----------------------------------------------------------------------------------------------------
+# Training loop
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE: NCCL on GPUs, gloo on CPU. Without it, one process."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of floats over ranks (one call per step: loss and stop flag travel together)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_step(model, optimizers, inputs, targets, weights, accum, lr_mult, autocast):
+    """One optimizer step over `accum` micro-batches; DDP all-reduces only on the last one."""
+    total = 0.0
+    micro = zip(inputs.chunk(accum), targets.chunk(accum))
+    for i, (x, y) in enumerate(micro):
+        sync = i == accum - 1 or not isinstance(model, DDP)
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast():
+                loss = model(x, y, weights) / accum
+            loss.backward()
+        total = total + loss.detach()
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["peak_lr"] * lr_mult
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total
+
+
+@torch.no_grad()
+def evaluate(model, val_windows, micro_batch_size, device, autocast):
+    """Plain next-token loss on the fixed val slice, averaged over all ranks' windows."""
+    model.eval()
+    total = 0.0
+    for windows in val_windows.split(micro_batch_size):
+        windows = windows.to(device, non_blocking=True)
+        with autocast():
+            total += model(windows[:, :-1], windows[:, 1:]).item() * len(windows)
+    model.train()
+    loss_sum, count = all_reduce_sum([total, len(val_windows)], device)
+    return loss_sum / count
+
+
+def run_settings(args):
+    """The flags that define a run, as logged and checkpointed (the parsed schedule is derived from them)."""
+    return {k: v for k, v in vars(args).items() if k != "phases"}
+
+
+RESUMABLE_ANYWAY = {"resume", "run_id", "log_dir", "save_every", "val_every", "log_every", "compile",
+                    "target_val_loss", "micro_batch_size", "train_files", "val_files", "peak_tflops", "preset"}
+
+
+def save_checkpoint(path, state):
+    """Atomic: a kill during the write leaves the previous checkpoint as it was."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, args):
+    """A checkpoint written by this code for this run's settings, or a UsageError saying why not."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        code_sha, saved_args = state["code_sha"], state["args"]
+    except FileNotFoundError:
+        raise UsageError(f"--resume {path}: no such file") from None
+    except Exception as e:
+        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if state.get("format") != CHECKPOINT_FORMAT or code_sha != CODE_SHA:
+        raise UsageError(f"--resume {path}: written by another train_tst.py (code {code_sha}, this is {CODE_SHA});"
+                         " resume with the code that wrote it (it is at the top of the run's log)")
+    for key, value in run_settings(args).items():
+        if key not in RESUMABLE_ANYWAY and key in saved_args and saved_args[key] != value:
+            raise UsageError(f"--resume {path}: the checkpoint has --{key} {saved_args[key]}, this run has {value}")
+    return state
+
+
+def train(args):
+    rank, world_size, device = setup_distributed()
+    master = rank == 0
+    torch.manual_seed(args.seed)
+    cuda = device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # Everything that can be wrong with the input is found before the first step.
+    loader = ShardLoader(args.train_files, args.batch_size, rank, world_size, args.vocab_size)
+    bag_sizes = sorted({size for size, _ in args.phases} | {1})
+    for s in bag_sizes:
+        loader.check_fits(window_tokens(s, args.tst_mode, args.seq_len))
+    val_windows = load_val_windows(args.val_files, args.val_tokens, args.seq_len, rank, world_size, args.vocab_size)
+    resume_state = load_checkpoint(args.resume, args) if args.resume else None
+
+    raw_model = GPT(args.vocab_size, args.n_layer, args.n_embd, args.n_head, args.seq_len).to(device)
+    optimizers = make_optimizers(raw_model, args)
+    model = torch.compile(raw_model, dynamic=False) if args.compile else raw_model
+    train_model = DDP(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
+    accum = args.batch_size // (world_size * args.micro_batch_size)
+    tokens_per_position = args.batch_size * args.seq_len
+    flops_per_step = model_flops_per_token(raw_model, args.seq_len) * tokens_per_position
+    phase_end = args.phases[-1][1] if args.phases else 0
+
+    def batch_for(step, windows):
+        progress = (step - phase_end) / max(1, args.steps - phase_end)
+        return make_batch(windows.to(device, non_blocking=True), bag_size_at(step, args.phases), args, progress)
+
+    if args.compile:  # compile every phase's graphs untimed, then put model and optimizer back as they were
+        snapshot = copy.deepcopy(raw_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers]
+        fake = torch.Generator().manual_seed(0)
+        for s in bag_sizes:
+            step = next((end - 1 for size, end in args.phases if size == s), phase_end)
+            shape = (args.batch_size // world_size, window_tokens(s, args.tst_mode, args.seq_len))
+            train_step(train_model, optimizers, *batch_for(step, torch.randint(args.vocab_size, shape, generator=fake)),
+                       accum, 0.0, autocast)
+        evaluate(model, val_windows[:args.micro_batch_size], args.micro_batch_size, device, autocast)
+        raw_model.load_state_dict(snapshot[0])
+        for opt, state in zip(optimizers, snapshot[1]):
+            opt.load_state_dict(state)
+
+    step, train_ms, tokens_seen = 0, 0.0, 0
+    if resume_state:
+        raw_model.load_state_dict(resume_state["model"])
+        for opt, state in zip(optimizers, resume_state["optimizers"]):
+            opt.load_state_dict(state)
+        loader.load_state_dict(resume_state["loader"])
+        torch.set_rng_state(resume_state["rng_cpu"])
+        step, train_ms, tokens_seen = resume_state["step"], resume_state["train_ms"], resume_state["tokens_seen"]
+        args.run_id = args.run_id or resume_state["run_id"]
+    args.run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S") + f"_{args.preset}_s{args.tst_schedule or 1}"
+    args.run_id = args.run_id.replace(":", "x").replace(",", "_")
+    ckpt_dir = os.path.join(args.log_dir, args.run_id)
+    log = RunLog(os.path.join(args.log_dir, f"{args.run_id}.txt"), master, append=resume_state is not None)
+    if log.fresh:
+        log.header(args, device, world_size)
+        log.line(f"model: {sum(p.numel() for p in raw_model.parameters()):,} parameters, {flops_per_step:.4g} FLOPs per step,"
+                 f" {tokens_per_position:,} positions per step, {world_size} processes x {accum} micro-batches of {args.micro_batch_size}")
+    if resume_state:
+        log.line(f"resumed from {args.resume} at step {step}")
+
+    def checkpoint(reason):
+        path = os.path.join(ckpt_dir, f"step_{step:06d}.pt")
+        if master:
+            save_checkpoint(path, dict(format=CHECKPOINT_FORMAT, code_sha=CODE_SHA, args=run_settings(args),
+                                       run_id=args.run_id, step=step, train_ms=train_ms, tokens_seen=tokens_seen,
+                                       model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                                       loader=loader.state_dict(), rng_cpu=torch.get_rng_state()))
+        log.line(f"checkpoint: step:{step} {reason} {path}")
+        return path
+
+    def stats():
+        avg = train_ms / step if step else 0.0
+        return f"train_time:{train_ms:.0f}ms step_avg:{avg:.2f}ms tokens:{tokens_seen}"
+
+    def validate():
+        loss = evaluate(model, val_windows, args.micro_batch_size, device, autocast)
+        if not math.isfinite(loss):
+            raise Diverged(f"non-finite val loss at step {step}")
+        log.line(f"step:{step}/{args.steps} val_loss:{loss:.4f} {stats()}")
+        return loss
+
+    stop_signals = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    val_loss, reached, last_ckpt = None, None, args.resume
+    try:
+        if step == 0:
+            val_loss = validate()
+        while step < args.steps:
+            s = bag_size_at(step, args.phases)
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            windows = loader.next_batch(window_tokens(s, args.tst_mode, args.seq_len))
+            inputs, targets, weights = batch_for(step, windows)
+            loss = train_step(train_model, optimizers, inputs, targets, weights, accum, lr_multiplier(step, args), autocast)
+            loss_sum, stopping = all_reduce_sum([float(loss), float(len(stop_signals))], device)
+            train_ms += 1000 * (time.perf_counter() - t0)
+            step += 1
+            tokens_seen += args.batch_size * (windows.size(1) - 1)
+            train_loss = loss_sum / world_size
+            phase = "tst" if s > 1 else "ntp"
+            if not math.isfinite(train_loss):
+                raise Diverged(f"non-finite train loss {train_loss} at step {step} (phase {phase}, s={s});"
+                               f" last good checkpoint: {last_ckpt or 'none'}")
+            if step % args.log_every == 0 or step == args.steps:
+                mfu = f" mfu:{100 * flops_per_step / world_size / (train_ms / step * 1e-3) / (args.peak_tflops * 1e12):.1f}%" if cuda else ""
+                eta = train_ms / step * (args.steps - step) / 1000
+                log.line(f"step:{step}/{args.steps} train_loss:{train_loss:.4f} phase:{phase} s:{s} {stats()}{mfu}",
+                         console_extra=f" eta:{eta / 60:.0f}m{eta % 60:02.0f}s" if eta > 60 else "")
+            if step == args.steps or (args.val_every and step % args.val_every == 0):
+                val_loss = validate()
+                if args.target_val_loss is not None and val_loss <= args.target_val_loss and reached is None:
+                    reached = (step, train_ms)
+            next_s = bag_size_at(step, args.phases)
+            if step < args.steps and next_s != s:
+                last_ckpt = checkpoint(f"phase switch s:{s}->{next_s}")
+            elif step == args.steps or reached or stopping or (args.save_every and step % args.save_every == 0):
+                last_ckpt = checkpoint("end" if step == args.steps or reached else "periodic")
+            if reached:
+                break
+            if stopping:
+                signum = stop_signals[0] if stop_signals else signal.SIGTERM
+                log.close(f"interrupted: {signal.Signals(signum).name} at step:{step}/{args.steps} {stats()};"
+                          f" continue with the same command and --resume {last_ckpt}")
+                return 128 + signum
+        target = "none" if args.target_val_loss is None else (
+            f"reached {args.target_val_loss} at step:{reached[0]} train_time:{reached[1]:.0f}ms" if reached
+            else f"{args.target_val_loss} not reached")
+        log.close(f"done: step:{step}/{args.steps} val_loss:{val_loss:.4f} {stats()} target:{target}")
+        return 0
+    except BaseException as e:
+        log.close(f"failed: step:{step}/{args.steps} {type(e).__name__}: {e}")
+        raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------------------------------
+# Logging: logs/<run_id>.txt is the record log, self-contained evidence of the run
+
+class RunLog:
+    """Rank 0 writes the source, the environment, the hyperparameters (one JSON line), then a line per
+    logged step; the console shows the same lines. Its last line says how the run ended."""
+
+    def __init__(self, path, master, append):
+        self.master, self.path, self.file = master, path, None
+        self.fresh = not (append and os.path.exists(path))  # a resumed run goes on in its own log
+        if master:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "w" if self.fresh else "a")
+
+    def line(self, text, console_extra=""):
+        if self.master:
+            print(text + console_extra, flush=True)
+            self.file.write(text + "\n")
+            self.file.flush()
+
+    def header(self, args, device, world_size):
+        if not self.master:
+            return
+        self.file.write(CODE + "\n" + "=" * 100 + "\n")
+        env = [f"python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}",
+               f"device {device.type} x{world_size}: " + (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                                         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")]
+        if device.type == "cuda":
+            env.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
+        self.file.write("\n".join(env) + "\n" + json.dumps(run_settings(args)) + "\n")
+        print(f"logging to {self.path}", flush=True)
+
+    def close(self, text):
+        if self.file and not self.file.closed:
+            self.line(text)
+            self.file.close()
+
+
+def main(argv=None):
+    try:
+        return train(parse_args(argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
