@@ -2,7 +2,6 @@
 
     python -m pytest -q test_train.py
 """
-import importlib.util
 import json
 import math
 import os
@@ -23,15 +22,9 @@ import train_tst as T
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def load_module(relpath):
-    spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], os.path.join(HERE, relpath))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare = load_module("data/prepare.py")
-download = load_module("data/cached_fineweb10B.py")
+sys.path.insert(0, os.path.join(HERE, "data"))
+import cached_fineweb10B as download  # noqa: E402
+import prepare  # noqa: E402
 
 VOCAB = 256
 
@@ -384,3 +377,322 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         T.save_checkpoint(path, {"step": 2})
     assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input, everywhere: one clear line naming the culprit, exit code 2
+
+def shard_bytes(tokens, header=None):
+    h = np.zeros(256, dtype="<i4")
+    h[:3] = header if header is not None else (T.SHARD_MAGIC, T.SHARD_VERSION, len(tokens))
+    return h.tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
+
+
+def bad_shard(directory, name, header=None, tokens=(1, 2, 3), raw=None):
+    """A shard file broken as asked: its header, its tokens or its raw bytes."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.write(shard_bytes(tokens, header) if raw is None else raw)
+    return path
+
+
+def run_expecting_error(argv, capsys, *needles):
+    code = T.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def with_train(args, pattern):
+    args = list(args)
+    args[args.index("--train_files") + 1] = pattern
+    return args
+
+
+GOOD = list(range(1000))
+
+
+@pytest.mark.parametrize("case,make,needle", [
+    ("wrong magic", lambda d: bad_shard(d, "x.bin", header=(1234, 1, 1000), tokens=GOOD), "magic number 1234 is not 20240520"),
+    ("wrong version", lambda d: bad_shard(d, "x.bin", header=(T.SHARD_MAGIC, 7, 1000), tokens=GOOD), "shard version 7 is not 1"),
+    ("count disagrees with size", lambda d: bad_shard(d, "x.bin", header=(T.SHARD_MAGIC, 1, 2000), tokens=GOOD), "header says 2000 tokens"),
+    ("truncated file", lambda d: bad_shard(d, "x.bin", raw=shard_bytes(GOOD)[:1500]), "truncated or corrupt"),
+    ("zero-length file", lambda d: bad_shard(d, "x.bin", raw=b""), "0 bytes, shorter than the 1024-byte shard header"),
+    ("header with no tokens", lambda d: bad_shard(d, "x.bin", tokens=()), "header says 0 tokens"),
+])
+def test_broken_train_shard_is_named_and_exits_2(shards, tmp_path, capsys, case, make, needle):
+    path = make(str(tmp_path / "bad"))
+    run_expecting_error(with_train(tiny(shards, tmp_path), path), capsys, path, needle)
+    assert not (tmp_path / "logs").exists()  # refused before any output
+
+
+def test_missing_data_dir_and_empty_glob_exit_2(shards, tmp_path, capsys):
+    run_expecting_error(with_train(tiny(shards, tmp_path), "/no/such/dir/*.bin"), capsys, "no shard matches /no/such/dir/*.bin")
+    os.makedirs(tmp_path / "empty")
+    args = tiny(shards, tmp_path)
+    args[args.index("--val_files") + 1] = str(tmp_path / "empty" / "*.bin")
+    run_expecting_error(args, capsys, "no shard matches", "empty")
+
+
+def test_token_id_past_the_vocabulary_fails_the_run_by_name(shards, tmp_path, capsys):
+    tokens = markov_tokens(5000)
+    tokens[3000] = VOCAB + 7
+    path = bad_shard(str(tmp_path / "bad"), "x.bin", tokens=tokens)
+    run_expecting_error(with_train(tiny(shards, tmp_path, steps=100), path), capsys, path,
+                        f"token id {VOCAB + 7} at position 3000 is not below --vocab_size {VOCAB}")
+    assert log_lines(tmp_path)[-1].startswith("failed: step:")  # the log does not look complete
+    tokens[100] = VOCAB  # inside the val slice
+    val = bad_shard(str(tmp_path / "badval"), "v.bin", tokens=tokens)
+    args = tiny(shards, tmp_path)
+    args[args.index("--val_files") + 1] = val
+    run_expecting_error(args, capsys, val, f"token id {VOCAB} at position 100 is not below")
+
+
+def test_val_slice_longer_than_val_data_and_windows_longer_than_shards(shards, tmp_path, capsys):
+    args = tiny(shards, tmp_path)
+    args[args.index("--val_tokens") + 1] = "8000"
+    run_expecting_error(args, capsys, "--val_tokens 8000 needs 8001 tokens", "hold 4000")
+    run_expecting_error(tiny(shards, tmp_path, "--seq_len", "4096", "--val_tokens", "4096", "--tst_s", "4"), capsys,
+                        "a step needs 65537 consecutive tokens", "longest train shard holds 30000")
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--tst_s", "0"], "--tst_s must be at least 1"),
+    (["--tst_s", "4", "--tst_r", "1.0"], "--tst_r must be in [0, 1)"),
+    (["--tst_r", "-0.1"], "--tst_r must be in [0, 1)"),
+    (["--steps", "0"], "--steps must be positive"),
+    (["--batch_size", "-4"], "--batch_size must be positive"),
+    (["--micro_batch_size", "3"], "--batch_size 4 must be a multiple of 1 processes x --micro_batch_size 3"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--embed_lr", "-1"], "--embed_lr must be positive"),
+    (["--n_layer", "0"], "--n_layer must be positive"),
+    (["--n_head", "3"], "--n_embd 32 must split into --n_head 3 heads"),
+    (["--seq_len", "1"], "--seq_len must be at least 2"),
+    (["--vocab_size", "70000"], "--vocab_size must be in [2, 65536]"),
+    (["--val_tokens", "100"], "--val_tokens 100 must be a multiple of 1 processes x --seq_len 16"),
+    (["--warmup_steps", "-1"], "--warmup_steps must not be negative"),
+    (["--cooldown_frac", "1.5"], "--cooldown_frac must be in [0, 1]"),
+    (["--weight_decay", "-0.1"], "--weight_decay must not be negative"),
+    (["--save_every", "-2"], "--save_every must not be negative"),
+    (["--val_every", "-2"], "--val_every must not be negative"),
+    (["--log_every", "0"], "--log_every must be positive"),
+    (["--target_val_loss", "0"], "--target_val_loss must be positive"),
+    (["--mtp_k", "0"], "--mtp_k must be positive"),
+    (["--tst_schedule", "8:0.7,4:0.4"], "fractions sum to 1.1"),
+    (["--tst_schedule", "0:0.2"], "bag size must be >= 1"),
+    (["--tst_schedule", "eight"], "is not 'bag_size:fraction'"),
+    (["--tst_schedule", "4:0.2", "--tst_s", "4"], "either --tst_schedule or --tst_s"),
+])
+def test_out_of_range_flags_exit_2_before_any_work(shards, tmp_path, capsys, flags, needle):
+    run_expecting_error(tiny(shards, tmp_path, *flags), capsys, needle)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_batch_that_does_not_divide_across_processes_exits_2():
+    with pytest.raises(T.UsageError, match="--batch_size 8 must be a multiple of 3 processes"):
+        T.parse_args(["--preset", "cpu", "--micro_batch_size", "2"], world_size=3)
+
+
+def test_unknown_flag_and_bad_type_exit_2():
+    for argv in (["--tst_z", "3"], ["--tst_s", "four"], ["--tst_mode", "both"]):
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "train_tst.py"), *argv], capture_output=True, text=True)
+        assert proc.returncode == 2 and "error:" in proc.stderr
+
+
+def test_bad_checkpoints_exit_2(shards, tmp_path, capsys):
+    assert T.main(tiny(shards, tmp_path, steps=2)) == 0
+    ckpt = str(tmp_path / "logs" / "run" / "step_000002.pt")
+    run_expecting_error(tiny(shards, tmp_path, "--n_embd", "64", "--resume", ckpt), capsys,
+                        ckpt, "the checkpoint has --n_embd 32, this run has 64")
+    state = torch.load(ckpt, weights_only=True)
+    state["code_sha"] = "0123456789abcdef"
+    other = str(tmp_path / "other.pt")
+    torch.save(state, other)
+    run_expecting_error(tiny(shards, tmp_path, "--resume", other), capsys, other, "written by another train_tst.py")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(open(ckpt, "rb").read()[:5000])
+    run_expecting_error(tiny(shards, tmp_path, "--resume", str(corrupt)), capsys, str(corrupt), "not a readable checkpoint")
+    run_expecting_error(tiny(shards, tmp_path, "--resume", str(tmp_path / "nope.pt")), capsys, "no such file")
+
+
+def test_shard_reader_survives_random_mutations_with_only_the_clear_error(tmp_path):
+    rng = random.Random(0)
+    good = bad_shard(str(tmp_path), "good.bin", tokens=list(range(300)))
+    original = open(good, "rb").read()
+    outcomes = {"ok": 0, "refused": 0}
+    for i in range(300):
+        data = bytearray(original)
+        kind = rng.choice(["header", "truncate", "extend", "header+truncate"])
+        if "header" in kind:
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(12)] = rng.randrange(256)
+        if "truncate" in kind:
+            data = data[:rng.randrange(len(data))]
+        if kind == "extend":
+            data += bytes(rng.randrange(1, 9))
+        path = tmp_path / f"m{i}.bin"
+        path.write_bytes(bytes(data))
+        try:
+            tokens = T.read_shard(str(path))
+        except T.UsageError as e:
+            assert str(path) in str(e) and "\n" not in str(e)
+            outcomes["refused"] += 1
+        else:
+            assert len(tokens) * 2 + 1024 == len(data)
+            outcomes["ok"] += 1
+    assert outcomes["refused"] > 200
+
+
+# ---------------------------------------------------------------------------------------------------
+# data/: shard writer and reader, text preparation, download, the bundled sample
+
+def test_writer_and_reader_round_trip(tmp_path):
+    tokens = np.array([0, 1, 50256, 65535, 7], dtype=np.int64)
+    path = str(tmp_path / "a.bin")
+    prepare.write_shard(path, tokens)
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert header[:3].tolist() == [20240520, 1, 5] and not header[3:].any()
+    assert os.path.getsize(path) == 1024 + 2 * 5
+    assert T.read_shard(path).tolist() == tokens.tolist()
+    with pytest.raises(T.UsageError, match="does not fit the shard format's uint16"):
+        prepare.write_shard(path, [1, 70000])
+    with pytest.raises(T.UsageError, match="empty shard"):
+        prepare.write_shard(path, [])
+    assert T.read_shard(path).tolist() == tokens.tolist()  # a refused write leaves the old shard
+
+
+def test_gpt2_encoding_works_offline_from_local_files():
+    enc = prepare.gpt2_encoding()
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.n_vocab == 50257 and enc.eot_token == 50256
+
+
+def test_local_bpe_files_prefer_tiktoken_cache(tmp_path, monkeypatch):
+    package = prepare.local_bpe_files()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    for name, (url, _) in prepare.GPT2_BPE_URLS.items():
+        import hashlib
+        (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(open(package[name], "rb").read())
+    assert all(str(tmp_path) in p for p in prepare.local_bpe_files().values())
+
+
+DOCS = ["The quick brown fox jumps over the lazy dog.\n" * 40, "Pack my box with five dozen liquor jugs. " * 60,
+        "Sphinx of black quartz, judge my vow!\n" * 50]
+
+
+def test_prepare_makes_shards_that_decode_back_to_the_text(tmp_path):
+    (tmp_path / "a.txt").write_text(DOCS[0])
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in DOCS[1:]) + "\n")
+    out = tmp_path / "out"
+    assert prepare.main([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "--out", str(out), "--name", "tiny",
+                         "--val_tokens", "100", "--shard_tokens", "500"]) == 0
+    names = sorted(os.listdir(out))
+    assert names[0] == "tiny_train_000001.bin" and names[-1] == "tiny_val_000000.bin" and len(names) > 2
+    val = T.read_shard(str(out / "tiny_val_000000.bin"))
+    assert len(val) == 100
+    train = [T.read_shard(str(out / n)) for n in names[:-1]]
+    assert all(len(t) == 500 for t in train[:-1])
+    stream = np.concatenate([val] + train).tolist()
+    enc = prepare.gpt2_encoding()
+    docs, current = [], None
+    for tok in stream:
+        if tok == prepare.EOT:
+            current = []
+            docs.append(current)
+        else:
+            current.append(tok)
+    assert [enc.decode(d) for d in docs] == DOCS
+    again = tmp_path / "again"
+    assert prepare.main([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "--out", str(again), "--name", "tiny",
+                         "--val_tokens", "100", "--shard_tokens", "500", "--workers", "2"]) == 0
+    assert all(open(out / n, "rb").read() == open(again / n, "rb").read() for n in names)
+
+
+def test_prepare_refuses_empty_or_bad_input(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert prepare.main([str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "holds 0 tokens" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    assert prepare.main([str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.jsonl:1: not a JSON object with a 'text' field" in capsys.readouterr().err
+    assert prepare.main([str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such input file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+class FakeHub:
+    """Stands in for hf_hub_download: writes shards into local_dir, broken ones where asked."""
+
+    def __init__(self, broken=(), offline=False):
+        self.calls, self.broken, self.offline = [], list(broken), offline
+
+    def __call__(self, repo_id, filename, repo_type, local_dir, force_download=False):
+        self.calls.append((repo_id, filename, force_download))
+        if self.offline:
+            from huggingface_hub.errors import LocalEntryNotFoundError
+            raise LocalEntryNotFoundError("Cannot reach huggingface.co: offline")
+        path = os.path.join(local_dir, filename)
+        prepare.write_shard(path, np.arange(2000) % 50257)
+        if filename in self.broken:
+            self.broken.remove(filename)
+            with open(path, "r+b") as f:
+                f.truncate(1500)
+        return path
+
+
+def test_download_fetches_val_and_train_shards_and_skips_whole_ones(tmp_path, monkeypatch, capsys):
+    hub = FakeHub()
+    monkeypatch.setattr(download, "hf_hub_download", hub)
+    assert download.main(["2", "--dir", str(tmp_path)]) == 0
+    assert [c[:2] for c in hub.calls] == [("kjj0/fineweb10B-gpt2", f) for f in
+                                          ("fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin")]
+    monkeypatch.setattr(download, "hf_hub_download", FakeHub(offline=True))  # a second run needs no network
+    assert download.main(["2", "--dir", str(tmp_path)]) == 0
+    assert "0 shards downloaded, 3 already present" in capsys.readouterr().out
+    hub = FakeHub()
+    monkeypatch.setattr(download, "hf_hub_download", hub)
+    assert download.main(["1", "--dataset", "finewebedu10B", "--dir", str(tmp_path / "edu")]) == 0
+    assert [c[:2] for c in hub.calls] == [("kjj0/finewebedu10B-gpt2", "finewebedu_val_000000.bin"),
+                                          ("kjj0/finewebedu10B-gpt2", "finewebedu_train_000001.bin")]
+
+
+def test_download_replaces_truncated_and_corrupt_shards(tmp_path, monkeypatch, capsys):
+    bad_shard(str(tmp_path), "fineweb_train_000001.bin", raw=b"\x00" * 3000)  # left by an interrupted run
+    hub = FakeHub(broken=["fineweb_val_000000.bin"])  # and one that arrives truncated
+    monkeypatch.setattr(download, "hf_hub_download", hub)
+    assert download.main(["1", "--dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "fineweb_train_000001.bin: magic number 0" in err and "truncated or corrupt; fetching it again" in err
+    assert [c[1:] for c in hub.calls] == [("fineweb_val_000000.bin", False), ("fineweb_val_000000.bin", True),
+                                          ("fineweb_train_000001.bin", False)]
+    for name in ("fineweb_val_000000.bin", "fineweb_train_000001.bin"):
+        assert len(T.read_shard(str(tmp_path / name))) == 2000
+    monkeypatch.setattr(download, "hf_hub_download", FakeHub(broken=["fineweb_train_000002.bin"] * 2))
+    assert download.main(["2", "--dir", str(tmp_path)]) == 1
+    assert "still corrupt after downloading twice" in capsys.readouterr().err
+    assert not (tmp_path / "fineweb_train_000002.bin").exists()  # never left looking whole
+
+
+def test_download_without_network_says_what_could_not_be_reached(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(download, "hf_hub_download", FakeHub(offline=True))
+    assert download.main(["1", "--dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not download fineweb_val_000000.bin from the Hugging Face dataset kjj0/fineweb10B-gpt2")
+    assert "LocalEntryNotFoundError" in err and len(err.splitlines()) == 1
+
+
+def test_bundled_sample_is_the_default_without_fineweb():
+    if os.path.isdir(os.path.join(HERE, "data", "fineweb10B")):
+        pytest.skip("FineWeb shards are present, so they are the default")
+    args = T.parse_args([])
+    assert args.train_files.endswith(os.path.join("data", "sample", "sample_train_*.bin"))
+    train = [T.read_shard(f) for f in T.find_shards(args.train_files)]
+    val = [T.read_shard(f) for f in T.find_shards(args.val_files)]
+    total = sum(map(len, train + val))
+    assert 3_000_000 <= total <= 5_000_000 and sum(os.path.getsize(f) for f in T.find_shards(args.train_files)) < 10e6
+    assert max(int(t.max()) for t in train + val) <= 50256
+    assert sum(map(len, val)) >= args.val_tokens

@@ -713,6 +713,8 @@ def train(args):
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         if dist.is_initialized():
+            if sys.exc_info()[0] is None:
+                dist.barrier()  # no rank tears down gloo while another still uses it (it aborts the process)
             dist.destroy_process_group()
 
 
