@@ -65,8 +65,7 @@ CHECKPOINT_FORMAT = 1
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Flags without a default take the preset's value.")
     g = p.add_argument_group("data")
     g.add_argument("--train_files", default=None, help="glob of train shards (default: data/fineweb10B, else the bundled sample)")
     g.add_argument("--val_files", default=None, help="glob of val shards (same default)")
@@ -562,7 +561,7 @@ def load_checkpoint(path, args):
     except FileNotFoundError:
         raise UsageError(f"--resume {path}: no such file") from None
     except Exception as e:
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise UsageError(f"--resume {path}: not a readable train_tst.py checkpoint ({type(e).__name__})") from None
     if state.get("format") != CHECKPOINT_FORMAT or code_sha != CODE_SHA:
         raise UsageError(f"--resume {path}: written by another train_tst.py (code {code_sha}, this is {CODE_SHA});"
                          " resume with the code that wrote it (it is at the top of the run's log)")
