@@ -515,7 +515,7 @@ def test_bad_checkpoints_exit_2(shards, tmp_path, capsys):
     run_expecting_error(tiny(shards, tmp_path, "--resume", other), capsys, other, "written by another train_tst.py")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(open(ckpt, "rb").read()[:5000])
-    run_expecting_error(tiny(shards, tmp_path, "--resume", str(corrupt)), capsys, str(corrupt), "not a readable checkpoint")
+    run_expecting_error(tiny(shards, tmp_path, "--resume", str(corrupt)), capsys, str(corrupt), "not a readable train_tst.py checkpoint")
     run_expecting_error(tiny(shards, tmp_path, "--resume", str(tmp_path / "nope.pt")), capsys, "no such file")
 
 
@@ -696,3 +696,62 @@ def test_bundled_sample_is_the_default_without_fineweb():
     assert 3_000_000 <= total <= 5_000_000 and sum(os.path.getsize(f) for f in T.find_shards(args.train_files)) < 10e6
     assert max(int(t.max()) for t in train + val) <= 50256
     assert sum(map(len, val)) >= args.val_tokens
+
+
+# ---------------------------------------------------------------------------------------------------
+# records/compare.py
+
+sys.path.insert(0, os.path.join(HERE, "records"))
+import compare  # noqa: E402
+
+
+def synthetic_log(path, schedule, points, seed=0):
+    """A record log with val points (step, loss, ms, tokens)."""
+    settings = dict(tst_schedule=schedule, tst_mode="full", seed=seed, steps=points[-1][0])
+    lines = ["# source", compare.SEPARATOR, "python 3 torch 2", json.dumps(settings)]
+    lines += [f"step:{s}/{points[-1][0]} val_loss:{l:.4f} train_time:{ms}ms step_avg:{ms / max(1, s):.2f}ms tokens:{t}"
+              for s, l, ms, t in points]
+    lines.append(f"done: step:{points[-1][0]}/{points[-1][0]} val_loss:{points[-1][1]:.4f}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_compare_parses_a_real_log_from_a_tiny_run(shards, tmp_path, capsys):
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--tst_r", "0.5", steps=8)) == 0
+    run = compare.parse_log(str(tmp_path / "logs" / "run.txt"))
+    assert run["settings"]["tst_s"] == 2 and run["switches"] == [4] and run["ending"].startswith("done")
+    assert [v[0] for v in run["vals"]] == [0, 4, 8] and run["vals"][-1][3] == 4 * 16 * (2 * 4 + 4)
+    capsys.readouterr()
+    assert compare.main([str(tmp_path / "logs" / "run.txt")]) == 0
+    table = capsys.readouterr().out
+    assert "| run | seeds | s | r |" in table and "| run | 1 | 2 | 0.5 | full | 8 | 768 |" in table
+
+
+def test_iso_loss_speedup_on_synthetic_logs_with_a_known_answer(tmp_path):
+    base = compare.parse_log(synthetic_log(tmp_path / "b.txt", "", [(0, 10, 0, 0), (10, 5, 100, 10), (20, 4, 200, 20)]))
+    fast = compare.parse_log(synthetic_log(tmp_path / "f.txt", "4:0.3", [(0, 10, 0, 0), (10, 4.5, 50, 40), (20, 3.5, 100, 50)]))
+    # both reach 4.0: the baseline at 200 ms, the run at 50 + 0.5 * 50 = 75 ms
+    assert compare.speedup(base["vals"], fast["vals"]) == pytest.approx(200 / 75)
+    assert compare.speedup(base["vals"], fast["vals"], axis=0) == pytest.approx(20 / 15)
+    slow = compare.parse_log(synthetic_log(tmp_path / "s.txt", "4:0.3", [(0, 10, 0, 0), (20, 4.5, 200, 50)]))
+    # the run ends worse, at 4.5: the baseline got there at 100 + 0.5 * 100 ms
+    assert compare.speedup(base["vals"], slow["vals"]) == pytest.approx(150 / 200)
+    rows = compare.compare([base, fast, slow], compare.config_key(base), target=4.6)
+    assert rows[0]["speedup"] == "1.000" and rows[1]["seeds"] == 2 and rows[1]["data"] == "2.50"
+    assert rows[1]["speedup"] == f"{np.mean([200 / 75, 150 / 200]):.3f} ± {np.std([200 / 75, 150 / 200], ddof=1):.3f}"
+
+
+def test_p_value_of_a_record_claim():
+    assert compare.student_t_sf(1.0, 2) == pytest.approx(0.5 - 1 / (2 * math.sqrt(3)), abs=1e-6)
+    assert compare.student_t_sf(0.0, 5) == pytest.approx(0.5, abs=1e-6)
+    assert compare.p_value_under([3.270, 3.272, 3.268, 3.271], 3.28) < 0.01
+    assert compare.p_value_under([3.270, 3.29, 3.275], 3.28) > 0.05
+
+
+def test_compare_refuses_what_is_not_a_record_log(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("step:1/2 val_loss:3.0\n")
+    assert compare.main([str(tmp_path / "notes.txt")]) == 2
+    assert "not a train_tst.py record log" in capsys.readouterr().err
+    (tmp_path / "half.txt").write_text("x\n" + compare.SEPARATOR + "\nno json here\n")
+    assert compare.main([str(tmp_path / "half.txt")]) == 2
+    assert "no hyperparameter JSON line" in capsys.readouterr().err

@@ -189,8 +189,10 @@ def read_shard(path):
     if header[1] != SHARD_VERSION:
         raise UsageError(f"{path}: shard version {header[1]} is not {SHARD_VERSION}")
     n_tokens = int(header[2])
-    if n_tokens <= 0 or size != HEADER_BYTES + 2 * n_tokens:
-        raise UsageError(f"{path}: header says {n_tokens} tokens ({HEADER_BYTES + 2 * max(n_tokens, 0)} bytes)"
+    if n_tokens <= 0:
+        raise UsageError(f"{path}: header says {n_tokens} tokens: an empty or corrupt shard")
+    if size != HEADER_BYTES + 2 * n_tokens:
+        raise UsageError(f"{path}: header says {n_tokens} tokens ({HEADER_BYTES + 2 * n_tokens} bytes)"
                          f" but the file has {size} bytes: truncated or corrupt")
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
 

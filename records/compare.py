@@ -1,0 +1,211 @@
+"""Read train_tst.py record logs: a row per run, speedup at iso-loss against a baseline, seeds, plots.
+
+    python records/compare.py records/cpu/2026-11-22_400steps/            # every log in a folder
+    python records/compare.py base.txt tst.txt --target 3.28 --plot curves.png
+
+The baseline is the first argument's run (or every run of --baseline's configuration, averaged over
+seeds). Speedup at iso-loss: take the loss L that both runs reach (the worse of their final val losses);
+speedup = the baseline's training time to reach L / the run's training time to reach L, each interpolated
+linearly between validation points. Above 1, the run is faster; with the run ahead at the end this is the
+baseline's whole time over the run's time to the baseline's final loss.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+
+SEPARATOR = "=" * 100
+VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms tokens:(\d+)$")
+SWITCH_LINE = re.compile(r"checkpoint: step:(\d+) phase switch")
+NOT_A_CONFIG = {"seed", "run_id", "log_dir", "resume", "save_every", "log_every", "compile", "target_val_loss",
+                "train_files", "val_files", "micro_batch_size", "peak_tflops"}
+
+
+class NotARecord(Exception):
+    pass
+
+
+def parse_log(path):
+    """A run: its settings, validation points (step, loss, ms, tokens), phase switches and how it ended."""
+    with open(path, errors="replace") as f:
+        text = f.read()
+    if "\n" + SEPARATOR + "\n" not in text:
+        raise NotARecord(f"{path}: not a train_tst.py record log (no line of 100 '=' after the source)")
+    lines = text.split("\n" + SEPARATOR + "\n", 1)[1].splitlines()
+    settings = next((json.loads(l) for l in lines if l.startswith("{")), None)
+    if not isinstance(settings, dict) or "tst_schedule" not in settings:
+        raise NotARecord(f"{path}: not a train_tst.py record log (no hyperparameter JSON line)")
+    vals = [(int(m[1]), float(m[3]), int(m[4]), int(m[6])) for m in map(VAL_LINE.match, lines) if m]
+    if not vals:
+        raise NotARecord(f"{path}: record log without any validation line")
+    ending = lines[-1] if lines and lines[-1].split(":")[0] in ("done", "interrupted", "failed") else "unfinished"
+    return dict(path=path, name=os.path.splitext(os.path.basename(path))[0], settings=settings, vals=vals,
+                switches=[int(m[1]) for m in map(SWITCH_LINE.match, lines) if m], ending=ending)
+
+
+def config_key(run):
+    return json.dumps({k: v for k, v in run["settings"].items() if k not in NOT_A_CONFIG}, sort_keys=True)
+
+
+def time_to_loss(vals, loss, axis=2):
+    """First time (axis=2) or step (axis=0) at which the val curve reaches `loss`, linear between points."""
+    for prev, cur in zip(vals, vals[1:]):
+        if cur[1] <= loss:
+            if prev[1] <= loss:
+                return float(prev[axis])
+            frac = (prev[1] - loss) / (prev[1] - cur[1])
+            return prev[axis] + frac * (cur[axis] - prev[axis])
+    return float(vals[0][axis]) if vals[0][1] <= loss else math.nan
+
+
+def mean_curve(runs):
+    """Val points averaged over seeds at the steps all of them share."""
+    steps = sorted(set.intersection(*({v[0] for v in r["vals"]} for r in runs)))
+    table = [{v[0]: v for v in r["vals"]} for r in runs]
+    return [(s, *(float(np.mean([t[s][i] for t in table])) for i in (1, 2, 3))) for s in steps]
+
+
+def speedup(base_vals, run_vals, axis=2):
+    """Baseline time (or steps) to the loss both reach, over the run's."""
+    loss = max(base_vals[-1][1], run_vals[-1][1])
+    return time_to_loss(base_vals, loss, axis) / time_to_loss(run_vals, loss, axis)
+
+
+def student_t_sf(t, df):
+    """P(T > t) for Student's t with df degrees of freedom (numerical, no scipy needed)."""
+    theta = np.linspace(math.atan(t), math.pi / 2, 200_001)
+    x = np.tan(theta[:-1])
+    density = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    integrand = density * (1 + x ** 2 / df) ** (-(df + 1) / 2) / np.cos(theta[:-1]) ** 2
+    return float(np.sum((integrand[1:] + integrand[:-1]) / 2 * np.diff(theta[:-1])))
+
+
+def p_value_under(losses, target):
+    """One-sided t-test p-value that the mean of `losses` is under `target` (the speedrun's rule: p < 0.01)."""
+    n = len(losses)
+    if n < 2:
+        return math.nan
+    std = float(np.std(losses, ddof=1))
+    if std == 0:
+        return 0.0 if np.mean(losses) < target else 1.0
+    return student_t_sf((target - float(np.mean(losses))) / (std / math.sqrt(n)), n - 1)
+
+
+def describe(run):
+    s = run["settings"]
+    return dict(schedule=s["tst_schedule"] or "1", mode=s["tst_mode"] if s["tst_schedule"] else "-",
+                steps=run["vals"][-1][0], tokens=run["vals"][-1][3], val=run["vals"][-1][1], ms=run["vals"][-1][2])
+
+
+def fmt(values, digits):
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def compare(runs, baseline_key, target=None):
+    """Rows of the table, one per configuration (seeds pooled), the baseline's first."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(config_key(run), []).append(run)
+    base_vals = mean_curve(groups[baseline_key])
+    base = describe(groups[baseline_key][0])
+    base_step_ms = float(np.mean([describe(r)["ms"] / max(1, describe(r)["steps"]) for r in groups[baseline_key]]))
+    rows = []
+    for key in [baseline_key] + [k for k in groups if k != baseline_key]:
+        group, d = groups[key], describe(groups[key][0])
+        finals = [describe(r)["val"] for r in group]
+        row = dict(name=group[0]["name"] if len(group) == 1 else f"{group[0]['name']} (+{len(group) - 1})",
+                   seeds=len(group), s=d["schedule"], r="-", mode=d["mode"], steps=d["steps"], tokens=d["tokens"],
+                   val=fmt(finals, 4), time=fmt([describe(r)["ms"] / 1000 for r in group], 1),
+                   speedup=fmt([speedup(base_vals, r["vals"]) for r in group], 3),
+                   step_speedup=fmt([speedup(base_vals, r["vals"], axis=0) for r in group], 3),
+                   step_time=fmt([describe(r)["ms"] / max(1, describe(r)["steps"]) / base_step_ms for r in group], 3),
+                   data=f"{d['tokens'] / max(1, base['tokens']):.2f}",
+                   ended=",".join(sorted({r["ending"].split(":")[0] for r in group})))
+        if ":" in d["schedule"] and "," not in d["schedule"]:
+            row["s"], row["r"] = d["schedule"].split(":")
+        if target is not None:
+            row["to_target_s"] = fmt([time_to_loss(r["vals"], target) / 1000 for r in group], 1)
+            row["p_under_target"] = f"{p_value_under(finals, target):.4f}" if len(group) > 1 else "n/a"
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [("name", "run"), ("seeds", "seeds"), ("s", "s"), ("r", "r"), ("mode", "mode"), ("steps", "steps"),
+           ("tokens", "tokens"), ("val", "final val loss"), ("time", "train time (s)"),
+           ("speedup", "speedup at iso-loss (time)"), ("step_speedup", "(steps)"), ("step_time", "step time ratio"),
+           ("data", "data ratio"), ("to_target_s", "time to target (s)"), ("p_under_target", "p(mean < target)"),
+           ("ended", "ended")]
+
+
+def markdown_table(rows):
+    cols = [(k, title) for k, title in COLUMNS if any(k in r for r in rows)]
+    out = ["| " + " | ".join(title for _, title in cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(str(r.get(k, "")) for k, _ in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def plot(runs, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib: pip install matplotlib")
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        steps, losses, ms, tokens = zip(*run["vals"])
+        for ax, x in zip(axes, (np.array(ms) / 1000, steps, tokens)):
+            ax.plot(x[1:], losses[1:], color=color, label=run["name"] if ax is axes[0] else None)
+        for switch in run["switches"]:  # the phase switch, on the steps axis
+            axes[1].axvline(switch, color=color, linestyle=":", alpha=0.6)
+    for ax, label in zip(axes, ("training time (s)", "step", "tokens consumed")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("val loss")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("val loss (dotted: phase switches)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("logs", nargs="+", help="record logs, or folders of them")
+    p.add_argument("--baseline", default=None, help="log whose configuration is the baseline (default: the first)")
+    p.add_argument("--target", type=float, default=None, help="target val loss: time to it, and p-value of a record claim")
+    p.add_argument("--plot", default=None, help="write val loss curves to this PNG")
+    args = p.parse_args(argv)
+    paths = []
+    for item in args.logs:
+        paths += sorted(glob.glob(os.path.join(item, "*.txt"))) if os.path.isdir(item) else [item]
+    try:
+        runs = [parse_log(path) for path in paths]
+        baseline = parse_log(args.baseline) if args.baseline else runs[0]
+    except (NotARecord, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not runs:
+        print("error: no record logs given", file=sys.stderr)
+        return 2
+    if args.baseline and config_key(baseline) not in {config_key(r) for r in runs}:
+        runs.insert(0, baseline)
+    print(markdown_table(compare(runs, config_key(baseline), args.target)))
+    if args.plot:
+        plot(runs, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
