@@ -283,6 +283,15 @@ def test_annealed_schedule_logs_each_switch(shards, tmp_path):
     assert [s.split()[1] for s in switches] == ["step:3", "step:6"]
 
 
+def test_resume_inside_a_schedule_continues_with_the_right_bag_sizes(shards, tmp_path):
+    schedule = ["--tst_schedule", "4:0.25,2:0.25"]
+    assert T.main(tiny(shards, tmp_path, *schedule, "--run_id", "full", steps=12)) == 0
+    ckpt = str(tmp_path / "logs" / "full" / "step_000003.pt")  # written at the 4 -> 2 switch
+    assert T.main(tiny(shards, tmp_path, *schedule, "--run_id", "resumed", "--resume", ckpt, steps=12)) == 0
+    full, resumed = train_rows(log_lines(tmp_path, "full")), train_rows(log_lines(tmp_path, "resumed"))
+    assert resumed == full[3:] and [r[3] for r in resumed] == [2] * 3 + [1] * 6
+
+
 def test_compiled_smoke_step(shards, tmp_path):
     args = tiny(shards, tmp_path, "--tst_s", "2", "--tst_r", "0.5", steps=2)
     args[args.index("--no-compile")] = "--compile"
@@ -362,6 +371,14 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(shards
     state = torch.load(tmp_path / "logs" / "run" / "step_000008.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert log_lines(tmp_path)[-1].startswith("failed: step:9/12 Diverged: non-finite train loss")
+
+
+def test_poisoned_weights_are_never_checkpointed(shards, tmp_path, monkeypatch, capsys):
+    real = T.lr_multiplier
+    monkeypatch.setattr(T, "lr_multiplier", lambda step, args: float("nan") if step == 3 else real(step, args))
+    assert T.main(tiny(shards, tmp_path, "--save_every", "2", "--val_every", "0", steps=12)) == 1
+    assert "non-finite weights after step 4; last good checkpoint:" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "logs" / "run")) == ["step_000002.pt"]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -639,6 +639,8 @@ def train(args):
 
     def checkpoint(reason):
         path = os.path.join(ckpt_dir, f"step_{step:06d}.pt")
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):  # an update can poison the weights
+            raise Diverged(f"non-finite weights after step {step}; last good checkpoint: {last_ckpt or 'none'}")
         if master:
             save_checkpoint(path, dict(format=CHECKPOINT_FORMAT, code_sha=CODE_SHA, args=run_settings(args),
                                        run_id=args.run_id, step=step, train_ms=train_ms, tokens_seen=tokens_seen,
@@ -685,7 +687,7 @@ def train(args):
                 mfu = f" mfu:{100 * flops_per_step / world_size / (train_ms / step * 1e-3) / (args.peak_tflops * 1e12):.1f}%" if cuda else ""
                 eta = train_ms / step * (args.steps - step) / 1000
                 log.line(f"step:{step}/{args.steps} train_loss:{train_loss:.4f} phase:{phase} s:{s} {stats()}{mfu}",
-                         console_extra=f" eta:{eta / 60:.0f}m{eta % 60:02.0f}s" if eta > 60 else "")
+                         console_extra=f" eta:{eta // 60:.0f}m{eta % 60:02.0f}s" if eta > 60 else "")
             if step == args.steps or (args.val_every and step % args.val_every == 0):
                 val_loss = validate()
                 if args.target_val_loss is not None and val_loss <= args.target_val_loss and reached is None:
@@ -694,7 +696,7 @@ def train(args):
             if step < args.steps and next_s != s:
                 last_ckpt = checkpoint(f"phase switch s:{s}->{next_s}")
             elif step == args.steps or reached or stopping or (args.save_every and step % args.save_every == 0):
-                last_ckpt = checkpoint("end" if step == args.steps or reached else "periodic")
+                last_ckpt = checkpoint("end" if step == args.steps or reached else "interrupted" if stopping else "periodic")
             if reached:
                 break
             if stopping:
