@@ -772,3 +772,14 @@ def test_compare_refuses_what_is_not_a_record_log(tmp_path, capsys):
     (tmp_path / "half.txt").write_text("x\n" + compare.SEPARATOR + "\nno json here\n")
     assert compare.main([str(tmp_path / "half.txt")]) == 2
     assert "no hyperparameter JSON line" in capsys.readouterr().err
+
+
+def test_plot_draws_curves_or_says_how_to_get_matplotlib(tmp_path, monkeypatch, capsys):
+    base = synthetic_log(tmp_path / "b.txt", "", [(0, 10, 0, 0), (10, 5, 100, 10), (20, 4, 200, 20)])
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)
+        with pytest.raises(SystemExit, match="pip install matplotlib"):
+            compare.main([base, "--plot", str(tmp_path / "p.png")])
+    pytest.importorskip("matplotlib")
+    assert compare.main([base, "--plot", str(tmp_path / "p.png")]) == 0
+    assert open(tmp_path / "p.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
