@@ -54,9 +54,9 @@ PRESETS = {
     "gpt2": dict(n_layer=12, n_embd=768, n_head=6, seq_len=1024, batch_size=512, micro_batch_size=64,
                  steps=5000, optimizer="muon", lr=0.003, embed_lr=0.003, warmup_steps=100,
                  cooldown_frac=0.4, val_every=125, val_tokens=10_485_760, log_every=1),
-    # Small enough to train in minutes on two CPU cores.
+    # Small enough to train in minutes on two CPU cores; lr from a sweep (records/cpu/2026-11-22_lr_sweep).
     "cpu": dict(n_layer=4, n_embd=128, n_head=4, seq_len=256, batch_size=8, micro_batch_size=8,
-                steps=400, optimizer="adamw", lr=0.003, embed_lr=0.003, warmup_steps=20,
+                steps=400, optimizer="adamw", lr=0.001, embed_lr=0.001, warmup_steps=20,
                 cooldown_frac=0.4, val_every=50, val_tokens=32_768, log_every=10),
 }
 VOCAB_SIZE = 50304  # GPT-2's 50257 tokens, padded to a multiple of 128 for fast matmuls
