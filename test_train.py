@@ -753,6 +753,8 @@ def test_iso_loss_speedup_on_synthetic_logs_with_a_known_answer(tmp_path):
     slow = compare.parse_log(synthetic_log(tmp_path / "s.txt", "4:0.3", [(0, 10, 0, 0), (20, 4.5, 200, 50)]))
     # the run ends worse, at 4.5: the baseline got there at 100 + 0.5 * 100 ms
     assert compare.speedup(base["vals"], slow["vals"]) == pytest.approx(150 / 200)
+    started = compare.parse_log(synthetic_log(tmp_path / "u.txt", "8:0.3", [(0, 10, 0, 0)]))
+    assert math.isnan(compare.speedup(base["vals"], started["vals"]))  # a run with no progress has no speedup
     rows = compare.compare([base, fast, slow], compare.config_key(base), target=4.6)
     assert rows[0]["speedup"] == "1.000" and rows[1]["seeds"] == 2 and rows[1]["data"] == "2.50"
     assert rows[1]["speedup"] == f"{np.mean([200 / 75, 150 / 200]):.3f} ± {np.std([200 / 75, 150 / 200], ddof=1):.3f}"

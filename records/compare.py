@@ -73,7 +73,8 @@ def mean_curve(runs):
 def speedup(base_vals, run_vals, axis=2):
     """Baseline time (or steps) to the loss both reach, over the run's."""
     loss = max(base_vals[-1][1], run_vals[-1][1])
-    return time_to_loss(base_vals, loss, axis) / time_to_loss(run_vals, loss, axis)
+    run_time = time_to_loss(run_vals, loss, axis)
+    return time_to_loss(base_vals, loss, axis) / run_time if run_time > 0 else math.nan  # nan: not measurable
 
 
 def student_t_sf(t, df):
