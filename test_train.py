@@ -330,7 +330,7 @@ def test_resume_matches_an_uninterrupted_run(shards, tmp_path):
 # Reliability: interruption, divergence, atomic checkpoints
 
 def test_sigterm_checkpoints_closes_the_log_and_resume_gives_the_same_losses(shards, tmp_path):
-    args = tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "cut", "--val_every", "20", steps=200)
+    args = tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "cut", "--val_every", "20", steps=100)
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train_tst.py"), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
@@ -343,14 +343,14 @@ def test_sigterm_checkpoints_closes_the_log_and_resume_gives_the_same_losses(sha
     assert lines[-1].startswith("interrupted: SIGTERM at step:")
     ckpt = lines[-1].split("--resume ")[1]
     cut_step = int(re.search(r"step_(\d+)\.pt", ckpt).group(1))
-    assert 3 <= cut_step < 200 and os.path.exists(ckpt)
+    assert 3 <= cut_step < 100 and os.path.exists(ckpt)
     assert not [f for f in os.listdir(os.path.dirname(ckpt)) if ".tmp" in f]
-    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "cut", "--val_every", "20", "--resume", ckpt, steps=200)) == 0
-    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "whole", "--val_every", "20", steps=200)) == 0
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "cut", "--val_every", "20", "--resume", ckpt, steps=100)) == 0
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "whole", "--val_every", "20", steps=100)) == 0
     cut, whole = log_lines(tmp_path, "cut"), log_lines(tmp_path, "whole")
     assert any(l.startswith(f"resumed from {ckpt} at step {cut_step}") for l in cut)
     assert val_losses(cut) == val_losses(whole)
-    assert cut[-1].startswith("done: step:200/200")
+    assert cut[-1].startswith("done: step:100/100")
 
 
 def test_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch, capsys):
