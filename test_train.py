@@ -760,6 +760,17 @@ def test_iso_loss_speedup_on_synthetic_logs_with_a_known_answer(tmp_path):
     assert rows[1]["speedup"] == f"{np.mean([200 / 75, 150 / 200]):.3f} ± {np.std([200 / 75, 150 / 200], ddof=1):.3f}"
 
 
+def test_compare_leaves_out_unfinished_runs_unless_asked(tmp_path, capsys):
+    base = synthetic_log(tmp_path / "b.txt", "", [(0, 10, 0, 0), (10, 5, 100, 10), (20, 4, 200, 20)])
+    cut = tmp_path / "c.txt"
+    cut.write_text(open(base).read().replace("done: step:20/20", "interrupted: SIGTERM at step:20/20"))
+    assert compare.main([base, str(cut)]) == 0
+    out, err = capsys.readouterr()
+    assert "left out, not finished: c" in err and "| b | 1 |" in out
+    assert compare.main([base, str(cut), "--include_unfinished"]) == 0
+    assert "| b (+1) | 2 |" in capsys.readouterr().out
+
+
 def test_p_value_of_a_record_claim():
     assert compare.student_t_sf(1.0, 2) == pytest.approx(0.5 - 1 / (2 * math.sqrt(3)), abs=1e-6)
     assert compare.student_t_sf(0.0, 5) == pytest.approx(0.5, abs=1e-6)

@@ -186,6 +186,7 @@ def main(argv=None):
     p.add_argument("--baseline", default=None, help="log whose configuration is the baseline (default: the first)")
     p.add_argument("--target", type=float, default=None, help="target val loss: time to it, and p-value of a record claim")
     p.add_argument("--plot", default=None, help="write val loss curves to this PNG")
+    p.add_argument("--include_unfinished", action="store_true", help="also pool runs whose log has no 'done:' line")
     args = p.parse_args(argv)
     paths = []
     for item in args.logs:
@@ -196,8 +197,12 @@ def main(argv=None):
     except (NotARecord, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    unfinished = [r["name"] for r in runs if not r["ending"].startswith("done")]
+    if unfinished and not args.include_unfinished:
+        print(f"left out, not finished: {', '.join(unfinished)} (--include_unfinished keeps them)", file=sys.stderr)
+        runs = [r for r in runs if r["name"] not in unfinished]
     if not runs:
-        print("error: no record logs given", file=sys.stderr)
+        print("error: no finished record logs given", file=sys.stderr)
         return 2
     if args.baseline and config_key(baseline) not in {config_key(r) for r in runs}:
         runs.insert(0, baseline)
