@@ -143,8 +143,8 @@ def test_next_tokens_gives_each_position_its_next_k_tokens():
 def test_embed_bags_is_the_float32_mean_and_s1_bags_are_the_baseline():
     torch.manual_seed(0)
     model = T.GPT(VOCAB, 2, 32, 2, 16)
-    nn_init = [p for n, p in model.named_parameters() if "proj" in n or "lm_head" in n]
-    for p in nn_init:  # give the zero-initialised layers weights so the loss depends on everything
+    zero_initialised = [p for n, p in model.named_parameters() if "proj" in n or "lm_head" in n]
+    for p in zero_initialised:  # give the zero-initialised layers weights so the loss depends on everything
         torch.nn.init.normal_(p, std=0.02)
     bags = torch.randint(VOCAB, (2, 16, 4))
     expected = model.wte.weight[bags].double().mean(2).float()
