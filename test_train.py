@@ -769,6 +769,8 @@ def test_compare_leaves_out_unfinished_runs_unless_asked(tmp_path, capsys):
     assert "left out, not finished: c" in err and "| b | 1 |" in out
     assert compare.main([base, str(cut), "--include_unfinished"]) == 0
     assert "| b (+1) | 2 |" in capsys.readouterr().out
+    assert compare.main([base, str(tmp_path)]) == 0  # named and inside the folder: read once
+    assert "| b | 1 |" in capsys.readouterr().out
 
 
 def test_p_value_of_a_record_claim():

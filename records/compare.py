@@ -191,6 +191,7 @@ def main(argv=None):
     paths = []
     for item in args.logs:
         paths += sorted(glob.glob(os.path.join(item, "*.txt"))) if os.path.isdir(item) else [item]
+    paths = list(dict.fromkeys(paths))  # a log named and also inside a named folder is read once
     try:
         runs = [parse_log(path) for path in paths]
         baseline = parse_log(args.baseline) if args.baseline else runs[0]
