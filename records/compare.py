@@ -163,8 +163,9 @@ def plot(runs, path):
     except ImportError:
         raise SystemExit("error: --plot needs matplotlib: pip install matplotlib")
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    for i, run in enumerate(runs):
-        color = f"C{i % 10}"
+    configs = list(dict.fromkeys(config_key(r) for r in runs))  # one colour per configuration, seeds alike
+    for run in runs:
+        color = f"C{configs.index(config_key(run)) % 10}"
         steps, losses, ms, tokens = zip(*run["vals"])
         for ax, x in zip(axes, (np.array(ms) / 1000, steps, tokens)):
             ax.plot(x[1:], losses[1:], color=color, label=run["name"] if ax is axes[0] else None)
