@@ -722,9 +722,10 @@ sys.path.insert(0, os.path.join(HERE, "records"))
 import compare  # noqa: E402
 
 
-def synthetic_log(path, schedule, points, seed=0):
+def synthetic_log(path, schedule, points, seed=0, **other):
     """A record log with val points (step, loss, ms, tokens)."""
-    settings = dict(tst_schedule=schedule, tst_mode="full", seed=seed, steps=points[-1][0])
+    settings = dict(dict(tst_schedule=schedule, tst_mode="full", seed=seed, steps=points[-1][0], embed_lr=0.001,
+                         train_files="/work/data/sample/sample_train_*.bin"), **other)
     lines = ["# source", compare.SEPARATOR, "python 3 torch 2", json.dumps(settings)]
     lines += [f"step:{s}/{points[-1][0]} val_loss:{l:.4f} train_time:{ms}ms step_avg:{ms / max(1, s):.2f}ms tokens:{t}"
               for s, l, ms, t in points]
@@ -771,6 +772,23 @@ def test_compare_leaves_out_unfinished_runs_unless_asked(tmp_path, capsys):
     assert "| b (+1) | 2 |" in capsys.readouterr().out
     assert compare.main([base, str(tmp_path)]) == 0  # named and inside the folder: read once
     assert "| b | 1 |" in capsys.readouterr().out
+
+
+def test_compare_names_the_settings_a_run_changes_beyond_its_columns(tmp_path, capsys):
+    points = [(0, 10, 0, 0), (10, 5, 100, 10), (20, 4, 200, 20)]
+    base = synthetic_log(tmp_path / "b.txt", "", points)
+    synthetic_log(tmp_path / "t.txt", "4:0.3", points, seed=1)  # TST and seed have columns or pool: nothing to add
+    synthetic_log(tmp_path / "e.txt", "4:0.3", points, embed_lr=0.01)
+    synthetic_log(tmp_path / "o.txt", "", points, seed=1, train_files="/elsewhere/offset/sample_train_*.bin")
+    synthetic_log(tmp_path / "m.txt", "", points, seed=2, train_files="/other/machine/sample/sample_train_*.bin")
+    assert compare.main([base, str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| other settings |" in out and "| e | 1 | 4 | 0.3 | full | embed_lr=0.01 |" in out
+    assert "| t | 1 | 4 | 0.3 | full |  |" in out
+    assert "| o | 1 | 1 | - | - | train_data=offset/sample_train_*.bin |" in out  # other data: not a seed of b
+    assert "| b (+1) | 2 | 1 | - | - |  |" in out  # m: the same shards on another machine's path, a seed of b
+    assert compare.main([base, str(tmp_path / "t.txt")]) == 0
+    assert "other settings" not in capsys.readouterr().out  # the column shows only when a run has one
 
 
 def test_p_value_of_a_record_claim():

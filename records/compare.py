@@ -24,6 +24,7 @@ VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms step_
 SWITCH_LINE = re.compile(r"checkpoint: step:(\d+) phase switch")
 NOT_A_CONFIG = {"seed", "run_id", "log_dir", "resume", "save_every", "log_every", "compile", "target_val_loss",
                 "train_files", "val_files", "micro_batch_size", "peak_tflops"}
+HAS_A_COLUMN = {"tst_s", "tst_r", "tst_schedule", "tst_mode", "steps"}
 
 
 class NotARecord(Exception):
@@ -48,8 +49,18 @@ def parse_log(path):
                 switches=[int(m[1]) for m in map(SWITCH_LINE.match, lines) if m], ending=ending)
 
 
+def config(run):
+    """The settings that make a run's configuration: not its seed, logging or paths, but its data, named by the
+    shards' folder and pattern (the same shards sit under other paths on other machines)."""
+    s = run["settings"]
+    c = {k: v for k, v in s.items() if k not in NOT_A_CONFIG}
+    for split in ("train", "val"):
+        c[f"{split}_data"] = "/".join(s.get(f"{split}_files", "").replace(os.sep, "/").split("/")[-2:])
+    return c
+
+
 def config_key(run):
-    return json.dumps({k: v for k, v in run["settings"].items() if k not in NOT_A_CONFIG}, sort_keys=True)
+    return json.dumps(config(run), sort_keys=True)
 
 
 def time_to_loss(vals, loss, axis=2):
@@ -103,6 +114,12 @@ def describe(run):
                 steps=run["vals"][-1][0], tokens=run["vals"][-1][3], val=run["vals"][-1][1], ms=run["vals"][-1][2])
 
 
+def other_settings(run, base_run):
+    """'key=value' for each setting of a run's configuration that differs from the baseline's and has no column."""
+    c, b = config(run), config(base_run)
+    return ", ".join(f"{k}={c[k]}" for k in sorted(c) if k not in HAS_A_COLUMN and c[k] != b.get(k))
+
+
 def fmt(values, digits):
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -132,6 +149,8 @@ def compare(runs, baseline_key, target=None):
                    step_time=fmt([describe(r)["ms"] / max(1, describe(r)["steps"]) / base_step_ms for r in group], 3),
                    data=f"{d['tokens'] / max(1, base['tokens']):.2f}",
                    ended=",".join(sorted({r["ending"].split(":")[0] for r in group})))
+        if other_settings(group[0], groups[baseline_key][0]):
+            row["other"] = other_settings(group[0], groups[baseline_key][0])
         if ":" in d["schedule"] and "," not in d["schedule"]:
             row["s"], row["r"] = d["schedule"].split(":")
         if target is not None:
@@ -141,7 +160,8 @@ def compare(runs, baseline_key, target=None):
     return rows
 
 
-COLUMNS = [("name", "run"), ("seeds", "seeds"), ("s", "s"), ("r", "r"), ("mode", "mode"), ("steps", "steps"),
+COLUMNS = [("name", "run"), ("seeds", "seeds"), ("s", "s"), ("r", "r"), ("mode", "mode"), ("other", "other settings"),
+           ("steps", "steps"),
            ("tokens", "tokens"), ("val", "final val loss"), ("time", "train time (s)"),
            ("speedup", "speedup at iso-loss (time)"), ("step_speedup", "(steps)"), ("step_time", "step time ratio"),
            ("data", "data ratio"), ("to_target_s", "time to target (s)"), ("p_under_target", "p(mean < target)"),
