@@ -149,8 +149,9 @@ def compare(runs, baseline_key, target=None):
                    step_time=fmt([describe(r)["ms"] / max(1, describe(r)["steps"]) / base_step_ms for r in group], 3),
                    data=f"{d['tokens'] / max(1, base['tokens']):.2f}",
                    ended=",".join(sorted({r["ending"].split(":")[0] for r in group})))
-        if other_settings(group[0], groups[baseline_key][0]):
-            row["other"] = other_settings(group[0], groups[baseline_key][0])
+        other = other_settings(group[0], groups[baseline_key][0])
+        if other:
+            row["other"] = other
         if ":" in d["schedule"] and "," not in d["schedule"]:
             row["s"], row["r"] = d["schedule"].split(":")
         if target is not None:
@@ -161,8 +162,7 @@ def compare(runs, baseline_key, target=None):
 
 
 COLUMNS = [("name", "run"), ("seeds", "seeds"), ("s", "s"), ("r", "r"), ("mode", "mode"), ("other", "other settings"),
-           ("steps", "steps"),
-           ("tokens", "tokens"), ("val", "final val loss"), ("time", "train time (s)"),
+           ("steps", "steps"), ("tokens", "tokens"), ("val", "final val loss"), ("time", "train time (s)"),
            ("speedup", "speedup at iso-loss (time)"), ("step_speedup", "(steps)"), ("step_time", "step time ratio"),
            ("data", "data ratio"), ("to_target_s", "time to target (s)"), ("p_under_target", "p(mean < target)"),
            ("ended", "ended")]
@@ -222,7 +222,7 @@ def main(argv=None):
     unfinished = [r["name"] for r in runs if not r["ending"].startswith("done")]
     if unfinished and not args.include_unfinished:
         print(f"left out, not finished: {', '.join(unfinished)} (--include_unfinished keeps them)", file=sys.stderr)
-        runs = [r for r in runs if r["name"] not in unfinished]
+        runs = [r for r in runs if r["ending"].startswith("done")]
     if not runs:
         print("error: no finished record logs given", file=sys.stderr)
         return 2
