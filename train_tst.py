@@ -50,16 +50,19 @@ class Diverged(Exception):
 # Hyperparameters
 
 PRESETS = {
-    # The modded-nanogpt speedrun shape: GPT-2 small, 512 x 1024 = 524,288 tokens per step.
+    # The modded-nanogpt optimizer benchmark's baseline ("track 3", train_gpt_simple.py): GPT-2 small with
+    # 6 heads of 128, 512 x 1024 = 524,288 tokens a step, Muon and AdamW, 3600 steps to val loss 3.2757.
     "gpt2": dict(n_layer=12, n_embd=768, n_head=6, seq_len=1024, batch_size=512, micro_batch_size=64,
-                 steps=5000, optimizer="muon", lr=0.003, embed_lr=0.003, warmup_steps=100,
-                 cooldown_frac=0.4, val_every=125, val_tokens=10_485_760, log_every=1),
-    # Small enough to train in minutes on two CPU cores; lr from a sweep (records/cpu/2026-11-22_lr_sweep).
-    "cpu": dict(n_layer=4, n_embd=128, n_head=4, seq_len=256, batch_size=8, micro_batch_size=8,
-                steps=400, optimizer="adamw", lr=0.001, embed_lr=0.001, warmup_steps=20,
-                cooldown_frac=0.4, val_every=50, val_tokens=32_768, log_every=10),
+                 steps=3600, lr=0.02, embed_lr=0.3, head_lr=1 / 320, scalar_lr=0.01, weight_decay=0.01,
+                 warmup_steps=0, cooldown_frac=0.7, val_every=125, val_tokens=10_485_760, log_every=1),
+    # The same architecture and recipe, small enough to train in minutes on two CPU cores; learning rates
+    # from a sweep of the baseline (records/cpu/2026-11-23_lr_sweep).
+    "cpu": dict(n_layer=4, n_embd=128, n_head=1, seq_len=256, batch_size=8, micro_batch_size=8,
+                steps=400, lr=0.02, embed_lr=0.3, head_lr=1 / 320, scalar_lr=0.01, weight_decay=0.01,
+                warmup_steps=0, cooldown_frac=0.7, val_every=50, val_tokens=32_768, log_every=10),
 }
 VOCAB_SIZE = 50304  # GPT-2's 50257 tokens, padded to a multiple of 128 for fast matmuls
+COMPILE_FROM_STEPS = 200  # a CPU compile (about 20 s a graph) repays itself after about 100 steps
 IGNORE = -100  # target id that no loss counts (F.cross_entropy's ignore_index)
 CHECKPOINT_FORMAT = 1
 
@@ -89,15 +92,19 @@ def build_parser():
     g.add_argument("--steps", type=int, help="optimizer steps, N")
     g.add_argument("--batch_size", type=int, help="sequences per step, over all processes")
     g.add_argument("--micro_batch_size", type=int, help="sequences per forward pass and process (gradient accumulation makes up the rest)")
-    g.add_argument("--optimizer", choices=["adamw", "muon"])
-    g.add_argument("--lr", type=float, help="peak learning rate (Muon uses it with AdamW-matched update RMS)")
-    g.add_argument("--embed_lr", type=float, help="peak learning rate of the embedding table")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="decoupled weight decay of the hidden matrices")
+    g.add_argument("--lr", type=float, help="peak learning rate of Muon (the blocks' matrices)")
+    g.add_argument("--embed_lr", type=float, help="peak learning rate of the embedding table (AdamW)")
+    g.add_argument("--head_lr", type=float, help="peak learning rate of the head's weight (AdamW)")
+    g.add_argument("--scalar_lr", type=float, help="peak learning rate of every bias and norm gain (AdamW)")
+    g.add_argument("--weight_decay", type=float, help="Muon's decoupled weight decay")
     g.add_argument("--warmup_steps", type=int)
     g.add_argument("--cooldown_frac", type=float, help="fraction of the steps over which the LR decays linearly to 0")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("speedrun, logging and checkpoints")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on with CUDA)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"torch.compile (default: on with CUDA, or for {COMPILE_FROM_STEPS}+ steps on CPU)")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="activations and embedding table: bf16 as the reference (matmuls on tensor cores / AMX) or fp32")
     g.add_argument("--val_every", type=int, help="validate every K steps (0: only at the start and the end)")
     g.add_argument("--target_val_loss", type=float, default=None, help="stop at the first validation at or under this loss")
     g.add_argument("--log_every", type=int, help="write a train line every K steps")
@@ -121,7 +128,7 @@ def parse_args(argv=None, world_size=None):
     if args.micro_batch_size * world_size > args.batch_size:
         args.micro_batch_size = max(1, args.batch_size // world_size)
     if args.compile is None:
-        args.compile = torch.cuda.is_available()
+        args.compile = torch.cuda.is_available() or args.steps >= COMPILE_FROM_STEPS
     for pattern, split in (("train_files", "train"), ("val_files", "val")):
         if getattr(args, pattern) is None:
             setattr(args, pattern, default_shards(split))
@@ -134,7 +141,7 @@ def parse_args(argv=None, world_size=None):
     if args.tst_s < 1:
         raise UsageError(f"--tst_s must be at least 1, got {args.tst_s}")
     positive = ["n_layer", "n_embd", "n_head", "steps", "batch_size", "micro_batch_size", "val_tokens",
-                "log_every", "mtp_k", "lr", "embed_lr", "peak_tflops"]
+                "log_every", "mtp_k", "lr", "embed_lr", "head_lr", "scalar_lr", "peak_tflops"]
     for key in positive:
         if getattr(args, key) <= 0:
             raise UsageError(f"--{key} must be positive, got {getattr(args, key)}")
@@ -147,8 +154,8 @@ def parse_args(argv=None, world_size=None):
         raise UsageError(f"--seq_len must be at least 2, got {args.seq_len}")
     if not 2 <= args.vocab_size <= 65536:
         raise UsageError(f"--vocab_size must be in [2, 65536] (shards hold uint16 ids), got {args.vocab_size}")
-    if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 2:
-        raise UsageError(f"--n_embd {args.n_embd} must split into --n_head {args.n_head} heads of even size")
+    if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 4:
+        raise UsageError(f"--n_embd {args.n_embd} must split into --n_head {args.n_head} heads of a size divisible by 4")
     if args.batch_size % (world_size * args.micro_batch_size):
         raise UsageError(f"--batch_size {args.batch_size} must be a multiple of {world_size} processes"
                          f" x --micro_batch_size {args.micro_batch_size}")
@@ -275,21 +282,48 @@ def load_val_windows(pattern, n_tokens, seq_len, rank, world_size, vocab_size):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Model: a small modern GPT (RoPE, RMSNorm, QK-norm, ReLU^2, untied head, zero-initialised output layers)
+# Model: the track-3 GPT (biased linears, RMSNorm with gains, QK-norm, half-truncated RoPE, ReLU^2,
+# untied head with soft-capped logits, output projections initialised to zero)
+
+ATTENTION_SCALE = 0.12  # the reference's, in place of 1/sqrt(head_dim)
+LOGIT_CAP = 15.0
+
 
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(nn.Module):
-    def __init__(self, head_dim, max_len, base=10000.0):
-        super().__init__()
-        freqs = torch.outer(torch.arange(max_len).float(), base ** (-torch.arange(0, head_dim, 2).float() / head_dim))
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+class Linear(nn.Linear):
+    """A linear layer with bias, float32 weights, computed in its input's dtype (bf16 activations: fast matmuls)."""
 
-    def forward(self, x):  # (B, H, T, D); position t is the t-th input vector (a bag index under TST)
-        cos, sin = self.cos[:x.size(-2)], self.sin[:x.size(-2)]
+    def forward(self, x):
+        return F.linear(x, self.weight.type_as(x), self.bias.type_as(x))
+
+
+class RMSNorm(nn.Module):
+    """RMS norm with a learnable gain, computed in float32."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), self.gain).type_as(x)
+
+
+class Rotary(nn.Module):
+    """Half-truncated RoPE: head_dim/4 frequencies from 1 down to 1/1024 turn half of the dimension pairs;
+    the other half have frequency 0 and are not turned."""
+
+    def __init__(self, head_dim, max_len):
+        super().__init__()
+        freq = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4)
+        angle = torch.outer(torch.arange(max_len, dtype=torch.float32), torch.cat([freq, freq.new_zeros(head_dim // 4)]))
+        self.register_buffer("cos", angle.cos()[:, None, :], persistent=False)
+        self.register_buffer("sin", angle.sin()[:, None, :], persistent=False)
+
+    def forward(self, x):  # (B, T, H, D); position t is the t-th input vector (a bag index under TST)
+        cos, sin = self.cos[:x.size(1)], self.sin[:x.size(1)]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
 
@@ -298,23 +332,25 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, dim, n_head, max_len):
         super().__init__()
         self.n_head, self.head_dim = n_head, dim // n_head
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        # Separate q, k and v matrices: Muon orthogonalises each on its own, as the reference does.
+        self.q, self.k, self.v = Linear(dim, dim), Linear(dim, dim), Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.rotary = Rotary(self.head_dim, max_len)
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (layer(x).view(B, T, self.n_head, self.head_dim) for layer in (self.q, self.k, self.v))
         q, k = self.rotary(norm(q)), self.rotary(norm(k))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention on GPU
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           scale=ATTENTION_SCALE, is_causal=True)  # flash attention on GPU
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, dim):
         super().__init__()
-        self.fc = nn.Linear(dim, 4 * dim, bias=False)
-        self.proj = nn.Linear(4 * dim, dim, bias=False)
+        self.fc = Linear(dim, 4 * dim)
+        self.proj = Linear(4 * dim, dim)
 
     def forward(self, x):
         return self.proj(F.relu(self.fc(x)).square())
@@ -323,30 +359,38 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim, n_head, max_len):
         super().__init__()
-        self.attn = CausalSelfAttention(dim, n_head, max_len)
-        self.mlp = MLP(dim)
+        self.attn_norm, self.attn = RMSNorm(dim), CausalSelfAttention(dim, n_head, max_len)
+        self.mlp_norm, self.mlp = RMSNorm(dim), MLP(dim)
 
     def forward(self, x):
-        x = x + self.attn(norm(x))
-        return x + self.mlp(norm(x))
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size, n_layer, n_embd, n_head, max_len):
+    def __init__(self, vocab_size, n_layer, n_embd, n_head, max_len, dtype=torch.bfloat16):
         super().__init__()
-        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wte = nn.Embedding(vocab_size, n_embd).to(dtype)  # N(0, 1); its dtype is the activations' dtype
+        self.embed_norm = RMSNorm(n_embd)
         self.blocks = nn.ModuleList([Block(n_embd, n_head, max_len) for _ in range(n_layer)])
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.head_norm = RMSNorm(n_embd)
+        self.lm_head = Linear(n_embd, vocab_size)
         for layer in [self.lm_head] + [m for b in self.blocks for m in (b.attn.proj, b.mlp.proj)]:
             nn.init.zeros_(layer.weight)  # every residual branch and the head start as no-ops
+            nn.init.zeros_(layer.bias)
 
-    def forward(self, inputs, targets, slot_weights=None):
-        """Mean loss. inputs (B, T) token ids, or (B, T, s) bags; targets (B, T), or (B, T, s) for several."""
+    def logits(self, inputs):
+        """inputs (B, T) token ids, or (B, T, s) bags -> float32 logits (B, T, V), smoothly capped to (-15, 15)."""
         x = embed_bags(self.wte, inputs) if inputs.dim() == 3 else self.wte(inputs)
-        x = norm(x)
+        x = self.embed_norm(x)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(norm(x)).float()
+        z = self.lm_head(self.head_norm(x)).float()
+        return LOGIT_CAP * z * torch.rsqrt(z.square() + LOGIT_CAP ** 2)
+
+    def forward(self, inputs, targets, slot_weights=None):
+        """Mean loss; targets (B, T), or (B, T, s) for several per position."""
+        logits = self.logits(inputs)
         V = logits.size(-1)
         if targets.dim() == 2:
             return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=IGNORE)
@@ -355,7 +399,7 @@ class GPT(nn.Module):
 
 def model_flops_per_token(model, seq_len):
     """6 FLOPs per matmul weight per token (forward and backward) plus attention's 12 * layers * width * T."""
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if n != "wte.weight")
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n != "wte.weight")
     return 6 * matmul_params + 12 * len(model.blocks) * model.wte.embedding_dim * seq_len
 
 
@@ -413,12 +457,12 @@ def embed_bags(wte, bags):
 def multi_hot_cross_entropy(logits, targets, weights=None):
     """MCE = logsumexp(z) - sum_k w_k z[y_k]: the weighted mean over bag slots k of the cross-entropy of the
     same logits (N, V) against targets (N, s), each slot averaged over its rows that are not IGNORE (a slot
-    with none adds 0). Uniform weights by default; with s = 1 it is F.cross_entropy. One log-softmax over
-    the vocabulary, then s gathered log-probabilities: it costs what one cross-entropy costs, where a loop
-    of s stock cross-entropies costs s log-softmaxes."""
-    valid = targets != IGNORE
-    log_probs = F.log_softmax(logits.float(), dim=-1).gather(1, targets.clamp(min=0))
-    per_slot = -(log_probs * valid).sum(0) / valid.sum(0).clamp(min=1)
+    with none adds 0). Uniform weights by default; with s = 1 it is F.cross_entropy. One log-softmax over the
+    vocabulary, then a stock NLL per slot: torch.compile fuses it as well as one cross-entropy, where a gather
+    of the s columns costs about half as much again."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    per_slot = torch.stack([F.nll_loss(log_probs, slot, ignore_index=IGNORE, reduction="sum") / (slot != IGNORE).sum().clamp(min=1)
+                            for slot in targets.unbind(1)])
     if weights is None:
         return per_slot.mean()
     return (per_slot * weights).sum() / weights.sum()
@@ -455,18 +499,26 @@ def make_batch(tokens, s, args, progress):
 # -----------------------------------------------------------------------------------------------------
 # Optimizer and schedule
 
+# Adam's epsilon as the reference sets it, for its loss summed over a step's tokens. This trainer averages
+# the loss instead, so its gradients are (tokens a step) times smaller; Adam's update is unchanged when eps
+# shrinks by the same factor (m / (sqrt(v) + eps) is scale-free but for eps).
+ADAM_EPS_FOR_SUMMED_LOSS = 1e-10
+
+
 def make_optimizers(model, args):
-    """AdamW (betas 0.9/0.95) for everything, or Muon for the hidden matrices and AdamW for the rest."""
-    hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
-    groups = [dict(params=[model.wte.weight], lr=args.embed_lr, weight_decay=0.0),
-              dict(params=[model.lm_head.weight], lr=args.lr, weight_decay=0.0)]
-    fused = torch.cuda.is_available()
-    if args.optimizer == "muon":
-        optimizers = [torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused),
-                      torch.optim.Muon(hidden, lr=args.lr, weight_decay=args.weight_decay, adjust_lr_fn="match_rms_adamw")]
-    else:
-        groups.append(dict(params=hidden, lr=args.lr, weight_decay=args.weight_decay))
-        optimizers = [torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=fused)]
+    """The track-3 recipe: Muon (Nesterov momentum 0.95, 12 Newton-Schulz steps with coefficients (2, -1.5, 0.5),
+    update scaled by sqrt(max(1, rows/cols))) for the blocks' matrices; AdamW (0.8, 0.95), no weight decay,
+    for the embedding, the head's weight and every vector (biases and gains)."""
+    matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    adam = torch.optim.AdamW([dict(params=[model.wte.weight], lr=args.embed_lr),
+                              dict(params=[model.lm_head.weight], lr=args.head_lr),
+                              dict(params=vectors, lr=args.scalar_lr)],
+                             betas=(0.8, 0.95), eps=ADAM_EPS_FOR_SUMMED_LOSS / (args.batch_size * args.seq_len),
+                             weight_decay=0.0, fused=torch.cuda.is_available())
+    muon = torch.optim.Muon(matrices, lr=args.lr, weight_decay=args.weight_decay, momentum=0.95, nesterov=True,
+                            ns_coefficients=(2.0, -1.5, 0.5), ns_steps=12, adjust_lr_fn="original")
+    optimizers = [adam, muon]
     for opt in optimizers:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]
@@ -505,15 +557,14 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
-def train_step(model, optimizers, inputs, targets, weights, accum, lr_mult, autocast):
+def train_step(model, optimizers, inputs, targets, weights, accum, lr_mult):
     """One optimizer step over `accum` micro-batches; DDP all-reduces only on the last one."""
     total = 0.0
     micro = zip(inputs.chunk(accum), targets.chunk(accum))
     for i, (x, y) in enumerate(micro):
         sync = i == accum - 1 or not isinstance(model, DDP)
         with contextlib.nullcontext() if sync else model.no_sync():
-            with autocast():
-                loss = model(x, y, weights) / accum
+            loss = model(x, y, weights) / accum
             loss.backward()
         total = total + loss.detach()
     for opt in optimizers:
@@ -525,17 +576,28 @@ def train_step(model, optimizers, inputs, targets, weights, accum, lr_mult, auto
 
 
 @torch.no_grad()
-def evaluate(model, val_windows, micro_batch_size, device, autocast):
+def evaluate(model, val_windows, micro_batch_size, device):
     """Plain next-token loss on the fixed val slice, averaged over all ranks' windows."""
     model.eval()
     total = 0.0
     for windows in val_windows.split(micro_batch_size):
         windows = windows.to(device, non_blocking=True)
-        with autocast():
-            total += model(windows[:, :-1], windows[:, 1:]).item() * len(windows)
+        total += model(windows[:, :-1], windows[:, 1:]).item() * len(windows)
     model.train()
     loss_sum, count = all_reduce_sum([total, len(val_windows)], device)
     return loss_sum / count
+
+
+def warm_up(train_model, model, optimizers, batch_for, val_windows, args, world_size, device):
+    """A step of every bag size at lr 0 and a validation batch, on random tokens."""
+    accum = args.batch_size // (world_size * args.micro_batch_size)
+    fake = torch.Generator().manual_seed(0)
+    phase_end = args.phases[-1][1] if args.phases else 0
+    for s in sorted({size for size, _ in args.phases} | {1}):
+        step = next((end - 1 for size, end in args.phases if size == s), phase_end)
+        shape = (args.batch_size // world_size, window_tokens(s, args.tst_mode, args.seq_len))
+        train_step(train_model, optimizers, *batch_for(step, torch.randint(args.vocab_size, shape, generator=fake)), accum, 0.0)
+    evaluate(model, val_windows[:args.micro_batch_size], args.micro_batch_size, device)
 
 
 def run_settings(args):
@@ -578,7 +640,6 @@ def train(args):
     master = rank == 0
     torch.manual_seed(args.seed)
     cuda = device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -591,11 +652,11 @@ def train(args):
     val_windows = load_val_windows(args.val_files, args.val_tokens, args.seq_len, rank, world_size, args.vocab_size)
     resume_state = load_checkpoint(args.resume, args) if args.resume else None
 
-    raw_model = GPT(args.vocab_size, args.n_layer, args.n_embd, args.n_head, args.seq_len).to(device)
+    dtype = dict(bf16=torch.bfloat16, fp32=torch.float32)[args.dtype]
+    raw_model = GPT(args.vocab_size, args.n_layer, args.n_embd, args.n_head, args.seq_len, dtype).to(device)
     optimizers = make_optimizers(raw_model, args)
     model = torch.compile(raw_model, dynamic=False) if args.compile else raw_model
     train_model = DDP(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
-    accum = args.batch_size // (world_size * args.micro_batch_size)
     tokens_per_position = args.batch_size * args.seq_len
     flops_per_step = model_flops_per_token(raw_model, args.seq_len) * tokens_per_position
     phase_end = args.phases[-1][1] if args.phases else 0
@@ -604,18 +665,32 @@ def train(args):
         progress = (step - phase_end) / max(1, args.steps - phase_end)
         return make_batch(windows.to(device, non_blocking=True), bag_size_at(step, args.phases), args, progress)
 
-    if args.compile:  # compile every phase's graphs untimed, then put model and optimizer back as they were
-        snapshot = copy.deepcopy(raw_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers]
-        fake = torch.Generator().manual_seed(0)
-        for s in bag_sizes:
-            step = next((end - 1 for size, end in args.phases if size == s), phase_end)
-            shape = (args.batch_size // world_size, window_tokens(s, args.tst_mode, args.seq_len))
-            train_step(train_model, optimizers, *batch_for(step, torch.randint(args.vocab_size, shape, generator=fake)),
-                       accum, 0.0, autocast)
-        evaluate(model, val_windows[:args.micro_batch_size], args.micro_batch_size, device, autocast)
+    # An untimed warmup runs a step of every phase and a validation batch on random tokens (compiling their
+    # graphs), then puts model and optimizer back as they were. A micro-batch that runs out of memory there is
+    # halved: gradient accumulation keeps the global batch, so the result does not change.
+    snapshot = copy.deepcopy(raw_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers]
+    warmup_notes = []
+    while True:
+        try:
+            warm_up(train_model, model, optimizers, batch_for, val_windows, args, world_size, device)
+            out_of_memory = False
+        except torch.OutOfMemoryError:
+            out_of_memory = True
         raw_model.load_state_dict(snapshot[0])
         for opt, state in zip(optimizers, snapshot[1]):
             opt.load_state_dict(state)
+            opt.zero_grad(set_to_none=True)
+        if not all_reduce_sum([float(out_of_memory)], device)[0]:
+            break
+        if cuda:
+            torch.cuda.empty_cache()
+        per_rank, old = args.batch_size // world_size, args.micro_batch_size
+        if old == 1:
+            raise UsageError("out of memory at micro-batch 1: the model does not fit this device")
+        args.micro_batch_size = next(m for m in range(old // 2, 0, -1) if per_rank % m == 0)
+        warmup_notes.append(f"out of memory at micro-batch {old}: halved to {args.micro_batch_size}"
+                            f" ({per_rank // args.micro_batch_size} micro-batches a step, the same global batch)")
+    accum = args.batch_size // (world_size * args.micro_batch_size)
 
     step, train_ms, tokens_seen = 0, 0.0, 0
     if resume_state:
@@ -634,6 +709,8 @@ def train(args):
         log.header(args, device, world_size)
         log.line(f"model: {sum(p.numel() for p in raw_model.parameters()):,} parameters, {flops_per_step:.4g} FLOPs per step,"
                  f" {tokens_per_position:,} positions per step, {world_size} processes x {accum} micro-batches of {args.micro_batch_size}")
+    for note in warmup_notes:
+        log.line(note)
     if resume_state:
         log.line(f"resumed from {args.resume} at step {step}")
 
@@ -654,7 +731,7 @@ def train(args):
         return f"train_time:{train_ms:.0f}ms step_avg:{avg:.2f}ms tokens:{tokens_seen}"
 
     def validate():
-        loss = evaluate(model, val_windows, args.micro_batch_size, device, autocast)
+        loss = evaluate(model, val_windows, args.micro_batch_size, device)
         if not math.isfinite(loss):
             raise Diverged(f"non-finite val loss at step {step}")
         log.line(f"step:{step}/{args.steps} val_loss:{loss:.4f} {stats()}")
@@ -673,7 +750,7 @@ def train(args):
             t0 = time.perf_counter()
             windows = loader.next_batch(window_tokens(s, args.tst_mode, args.seq_len))
             inputs, targets, weights = batch_for(step, windows)
-            loss = train_step(train_model, optimizers, inputs, targets, weights, accum, lr_multiplier(step, args), autocast)
+            loss = train_step(train_model, optimizers, inputs, targets, weights, accum, lr_multiplier(step, args))
             loss_sum, stopping = all_reduce_sum([float(loss), float(len(stop_signals))], device)
             train_ms += 1000 * (time.perf_counter() - t0)
             step += 1
