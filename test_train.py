@@ -178,6 +178,130 @@ def test_lr_schedule_is_warmup_stable_decay():
 
 
 # ---------------------------------------------------------------------------------------------------
+# The gpt2 preset: the modded-nanogpt track-3 recipe (records/track_3_optimization/train_gpt_simple.py)
+
+def gpt2_model(device="meta"):
+    args = T.parse_args(["--preset", "gpt2"])
+    with torch.device(device):
+        return T.GPT(args.vocab_size, args.n_layer, args.n_embd, args.n_head, args.seq_len), args
+
+
+def test_gpt2_preset_is_the_recipe_with_162354816_parameters():
+    model, args = gpt2_model()
+    V, d, L = 50304, 768, 12
+    linear = lambda n_in, n_out: n_in * n_out + n_out  # every linear layer has a bias
+    block = 4 * linear(d, d) + linear(d, 4 * d) + linear(4 * d, d) + 2 * d  # q, k, v, proj; MLP; two gains
+    assert V * d + L * block + 2 * d + linear(d, V) == 162_354_816
+    assert sum(p.numel() for p in model.parameters()) == 162_354_816
+    assert (args.n_layer, args.n_embd, args.n_embd // args.n_head, args.seq_len, args.vocab_size) == (12, 768, 128, 1024, 50304)
+    assert (args.batch_size, args.micro_batch_size, args.steps, args.val_every, args.val_tokens) == (512, 64, 3600, 125, 10_485_760)
+    assert (args.lr, args.embed_lr, args.head_lr, args.scalar_lr, args.weight_decay) == (0.02, 0.3, 1 / 320, 0.01, 0.01)
+    assert (args.warmup_steps, args.cooldown_frac, args.dtype, args.tst_s) == (0, 0.7, "bf16", 1)
+    mult = [T.lr_multiplier(k, args) for k in (0, 1079, 1080, 2340, 3599)]  # flat for 30%, then linear to 0
+    assert mult == pytest.approx([1, 1, 1, 0.5, 1 / 2520])
+
+
+def test_recipe_initialisation():
+    torch.manual_seed(0)
+    model = T.GPT(1000, 2, 256, 2, 64)
+    assert model.wte.weight.dtype == torch.bfloat16 and abs(model.wte.weight.float().std().item() - 1) < 0.01
+    outputs = {"lm_head", *(f"blocks.{i}.{m}.proj" for i in range(2) for m in ("attn", "mlp"))}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert module.bias is not None, name
+            zero = name in outputs
+            assert (module.weight.abs().max() == 0) == zero and (module.bias.abs().max() == 0) == zero, name
+            if not zero:  # PyTorch's default: uniform in +-1/sqrt(fan_in)
+                assert module.weight.abs().max() <= module.in_features ** -0.5
+        if isinstance(module, T.RMSNorm):
+            assert torch.equal(module.gain, torch.ones_like(module.gain))
+    assert sum(isinstance(m, T.RMSNorm) for m in model.modules()) == 2 * 2 + 2  # per block 2, embedding, head
+
+
+def test_rotary_turns_half_of_the_pairs_with_frequencies_down_to_1_over_1024():
+    rotary = T.Rotary(128, 1024)
+    angle = torch.atan2(rotary.sin[:, 0], rotary.cos[:, 0])  # (positions, 64 pairs)
+    torch.testing.assert_close(angle[1, :32], (1 / 1024) ** torch.linspace(0, 1, 32))
+    assert torch.all(angle[:, 32:] == 0)
+    x = torch.randn(1, 1024, 2, 128)
+    y = rotary(x)
+    assert torch.equal(y[..., 32:64], x[..., 32:64]) and torch.equal(y[..., 96:], x[..., 96:])
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))  # a rotation
+    assert not torch.allclose(y[:, 1:, :, :32], x[:, 1:, :, :32])
+
+
+def test_optimizers_follow_the_recipe():
+    model, args = gpt2_model()
+    adam, muon = T.make_optimizers(model, args)
+    groups = {round(g["lr"], 6): g["params"] for g in adam.param_groups}
+    assert groups[0.3] == [model.wte.weight] and groups[round(1 / 320, 6)] == [model.lm_head.weight]
+    assert len(groups[0.01]) == 12 * 8 + 2 + 1 and all(p.ndim == 1 for p in groups[0.01])  # biases and gains
+    assert adam.defaults["betas"] == (0.8, 0.95) and adam.defaults["weight_decay"] == 0
+    assert adam.defaults["eps"] == pytest.approx(1e-10 / 524_288)  # the reference's eps on its summed loss
+    m = muon.param_groups[0]
+    assert (m["lr"], m["weight_decay"], m["momentum"], m["nesterov"]) == (0.02, 0.01, 0.95, True)
+    assert (m["ns_coefficients"], m["ns_steps"], m["adjust_lr_fn"]) == ((2.0, -1.5, 0.5), 12, "original")
+    q = [b.attn.q.weight for b in model.blocks]
+    assert len(m["params"]) == 12 * 6 and all(any(p is w for p in m["params"]) for w in q)  # q, k, v apart
+    owned = [p for opt in (adam, muon) for g in opt.param_groups for p in g["params"]]
+    assert len(owned) == len({id(p) for p in owned}) == len(list(model.parameters()))
+
+
+def test_adam_eps_on_the_mean_loss_gives_the_reference_update_on_the_summed_loss():
+    tokens = 4096
+    grad = torch.randn(1000) * 1e-9  # small gradients are where eps matters
+    grad[:10] = 0
+    updates = []
+    for g, eps in ((grad * tokens, 1e-10), (grad, 1e-10 / tokens)):
+        p = torch.zeros(1000, requires_grad=True)
+        opt = torch.optim.AdamW([p], lr=1.0, betas=(0.8, 0.95), eps=eps, weight_decay=0)
+        for _ in range(3):
+            p.grad = g.clone()
+            opt.step()
+        updates.append(p.detach().clone())
+    torch.testing.assert_close(updates[0], updates[1], rtol=1e-5, atol=0)
+
+
+def newton_schulz_float64(g, steps=12, a=2.0, b=-1.5, c=0.5):
+    x = g.double()
+    tall = x.size(0) > x.size(1)
+    x = x.T if tall else x
+    x = x / x.norm()
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+@pytest.mark.parametrize("name", ["attn.q", "attn.v", "mlp.fc"])
+def test_muon_update_of_one_matrix_is_float64_newton_schulz(name):
+    model, args = T.GPT(VOCAB, 1, 64, 1, 16), T.parse_args(["--preset", "gpt2", "--weight_decay", "0"])
+    _, muon = T.make_optimizers(model, args)
+    weight = model.get_submodule(f"blocks.0.{name}").weight
+    before = weight.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    weight.grad = torch.randn_like(weight)
+    muon.step()
+    rows, cols = weight.shape
+    # first step: momentum 0.05 g, Nesterov 0.0975 g; Newton-Schulz does not see the scale
+    expected = -args.lr * max(1, rows / cols) ** 0.5 * newton_schulz_float64(weight.grad)
+    torch.testing.assert_close((weight.detach() - before).double(), expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
+    assert (weight.detach() - before).abs().max() > 0.5 * expected.abs().max()
+
+
+def test_logits_are_capped_and_the_loss_at_init_is_ln_V():
+    torch.manual_seed(0)
+    model, args = gpt2_model("cpu")
+    tokens = torch.randint(50257, (1, 33))
+    with torch.no_grad():
+        assert model(tokens[:, :-1], tokens[:, 1:]).item() == pytest.approx(math.log(50304), abs=1e-4)
+        model.lm_head.weight.normal_(std=10.0)  # huge raw logits
+        logits = model.logits(tokens[:, :-1])
+    assert logits.dtype == torch.float32 and logits.abs().max() < 15 and logits.abs().max() > 14.9
+
+
+# ---------------------------------------------------------------------------------------------------
 # Data loading
 
 def test_rank_windows_are_disjoint_deterministic_and_independent_of_world_size(shards):
@@ -203,6 +327,27 @@ def test_loader_walks_shards_in_order_and_wraps_to_a_new_epoch(shards):
         loader.next_batch(1001)
         seen.append((loader.shard, loader.epoch))
     assert seen[0] == (0, 0) and (1, 0) in seen and seen[-1][1] >= 1
+
+
+def test_shuffled_windows_are_real_slices_the_same_for_any_processes_resumable_and_seeded(shards):
+    pattern = str(shards / "t_train_*.bin")
+    loader = lambda rank=0, world=1, seed=0: T.ShardLoader(pattern, 4, rank, world, VOCAB, "shuffled", seed)
+    one, two = loader(), [loader(r, 2) for r in range(2)]
+    batches = []
+    for window in (17, 65, 17, 17):
+        whole = one.next_batch(window)
+        assert torch.equal(torch.cat([l.next_batch(window) for l in two]), whole) and whole.shape == (4, window)
+        batches.append(whole)
+    for batch in batches:
+        for row in batch.numpy():
+            assert any((np.lib.stride_tricks.sliding_window_view(s, len(row)) == row).all(1).any() for s in one.shards)
+    assert not torch.equal(batches[0], batches[2])  # each step draws anew
+    resumed = loader()
+    resumed.load_state_dict(one.state_dict())
+    assert torch.equal(resumed.next_batch(17), one.next_batch(17))
+    assert not torch.equal(loader(seed=1).next_batch(17), batches[0])
+    starts = [loader(seed=k).next_batch(17)[:, 0] for k in range(50)]
+    assert len({int(x) for s in starts for x in s}) > 20  # positions spread over the data, not one stretch
 
 
 def test_val_slice_is_fixed_and_split_over_ranks(shards):
@@ -307,6 +452,42 @@ def test_compiled_smoke_step(shards, tmp_path):
     assert [r[3] for r in rows] == [2, 1] and all(math.isfinite(r[1]) for r in rows)
 
 
+@pytest.mark.skipif(not os.environ.get("TST_SLOW"), reason="4-7 minutes on 2 cores: TST_SLOW=1 runs it (README, checks)")
+def test_compiled_gpt2_shape_runs_both_phases_and_writes_a_record_log(tmp_path):
+    """The real gpt2 preset's model (12 x 768, vocab 50304) compiled on CPU, 2 steps in each TST phase."""
+    sample = os.path.join(HERE, "data", "sample")
+    args = ["--preset", "gpt2", "--compile", "--seq_len", "32", "--batch_size", "2", "--micro_batch_size", "2",
+            "--steps", "4", "--tst_s", "2", "--tst_r", "0.5", "--val_tokens", "64", "--val_every", "0",
+            "--train_files", os.path.join(sample, "sample_train_*.bin"), "--val_files", os.path.join(sample, "sample_val_*.bin"),
+            "--log_dir", str(tmp_path / "logs"), "--run_id", "run"]
+    assert T.main(args) == 0
+    lines = log_lines(tmp_path)
+    assert lines[lines.index(next(l for l in lines if l.startswith("model:")))].startswith("model: 162,354,816 parameters")
+    rows = train_rows(lines)
+    assert [r[3] for r in rows] == [2, 2, 1, 1] and all(math.isfinite(r[1]) for r in rows)
+    assert json.loads(next(l for l in lines if l.startswith("{")))["compile"] is True
+    assert lines[-1].startswith("done: step:4/4")
+
+
+def test_out_of_memory_in_the_warmup_halves_the_micro_batch(shards, tmp_path, monkeypatch):
+    real = T.train_step
+
+    def small_memory(model, optimizers, inputs, targets, weights, accum, lr_mult):
+        if len(inputs) // accum > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, optimizers, inputs, targets, weights, accum, lr_mult)
+
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--micro_batch_size", "1", "--run_id", "fits", steps=6)) == 0
+    monkeypatch.setattr(T, "train_step", small_memory)
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "halved", steps=6)) == 0
+    lines = log_lines(tmp_path, "halved")
+    assert "out of memory at micro-batch 4: halved to 2 (2 micro-batches a step, the same global batch)" in lines
+    assert "out of memory at micro-batch 2: halved to 1 (4 micro-batches a step, the same global batch)" in lines
+    assert val_losses(lines) == val_losses(log_lines(tmp_path, "fits"))
+    monkeypatch.setattr(T, "train_step", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated")))
+    assert T.main(tiny(shards, tmp_path, "--run_id", "never")) == 2
+
+
 def test_ddp_two_gloo_processes_match_one_process_with_accumulation(shards, tmp_path):
     common = tiny(shards, tmp_path, "--tst_s", "2", "--micro_batch_size", "2", steps=8)
     assert T.main(common + ["--run_id", "one"]) == 0
@@ -322,11 +503,13 @@ def test_ddp_two_gloo_processes_match_one_process_with_accumulation(shards, tmp_
     assert "x2" in open(tmp_path / "logs" / "two.txt").read().split("=" * 100)[1]
 
 
-def test_resume_matches_an_uninterrupted_run(shards, tmp_path):
-    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--save_every", "5", "--run_id", "full", steps=12)) == 0
+@pytest.mark.parametrize("order", ["sequential", "shuffled"])
+def test_resume_matches_an_uninterrupted_run(shards, tmp_path, order):
+    flags = ["--tst_s", "2", "--data_order", order]
+    assert T.main(tiny(shards, tmp_path, *flags, "--save_every", "5", "--run_id", "full", steps=12)) == 0
     ckpt = tmp_path / "logs" / "full" / "step_000005.pt"
     assert ckpt.exists()
-    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "resumed", "--resume", str(ckpt), steps=12)) == 0
+    assert T.main(tiny(shards, tmp_path, *flags, "--run_id", "resumed", "--resume", str(ckpt), steps=12)) == 0
     full, resumed = log_lines(tmp_path, "full"), log_lines(tmp_path, "resumed")
     assert f"resumed from {ckpt} at step 5" in resumed
     assert {k: v for k, v in val_losses(full).items() if k > 5} == val_losses(resumed)

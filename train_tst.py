@@ -7,7 +7,7 @@ the same weights, optimizer state and learning-rate schedule. A step costs the s
 a superposition step reads s times the text. With --tst_s 1 (the default) this is the plain baseline.
 
     python train_tst.py --tst_s 4                               # CPU preset, bundled sample
-    torchrun --standalone --nproc_per_node=8 train_tst.py --tst_s 8    # GPT-2 small on FineWeb
+    torchrun --standalone --nproc_per_node=8 train_tst.py --tst_s 8    # the track-3 GPT-2 baseline on FineWeb
 
 Read top to bottom: hyperparameters, data, model, TST, optimizer and schedule, training loop, logging.
 """
@@ -54,12 +54,14 @@ PRESETS = {
     # 6 heads of 128, 512 x 1024 = 524,288 tokens a step, Muon and AdamW, 3600 steps to val loss 3.2757.
     "gpt2": dict(n_layer=12, n_embd=768, n_head=6, seq_len=1024, batch_size=512, micro_batch_size=64,
                  steps=3600, lr=0.02, embed_lr=0.3, head_lr=1 / 320, scalar_lr=0.01, weight_decay=0.01,
-                 warmup_steps=0, cooldown_frac=0.7, val_every=125, val_tokens=10_485_760, log_every=1),
+                 warmup_steps=0, cooldown_frac=0.7, val_every=125, val_tokens=10_485_760, log_every=1,
+                 data_order="sequential"),
     # The same architecture and recipe, small enough to train in minutes on two CPU cores; learning rates
     # from a sweep of the baseline (records/cpu/2026-11-23_lr_sweep).
     "cpu": dict(n_layer=4, n_embd=128, n_head=1, seq_len=256, batch_size=8, micro_batch_size=8,
                 steps=400, lr=0.02, embed_lr=0.3, head_lr=1 / 320, scalar_lr=0.01, weight_decay=0.01,
-                warmup_steps=0, cooldown_frac=0.7, val_every=50, val_tokens=32_768, log_every=10),
+                warmup_steps=0, cooldown_frac=0.7, val_every=50, val_tokens=32_768, log_every=10,
+                data_order="sequential"),
 }
 VOCAB_SIZE = 50304  # GPT-2's 50257 tokens, padded to a multiple of 128 for fast matmuls
 COMPILE_FROM_STEPS = 200  # a CPU compile (about 20 s a graph) repays itself after about 100 steps
@@ -73,6 +75,8 @@ def build_parser():
     g.add_argument("--train_files", default=None, help="glob of train shards (default: data/fineweb10B, else the bundled sample)")
     g.add_argument("--val_files", default=None, help="glob of val shards (same default)")
     g.add_argument("--val_tokens", type=int, help="size of the fixed validation slice (preset)")
+    g.add_argument("--data_order", choices=["sequential", "shuffled"],
+                   help="sequential: the speedrun's walk through the shards; shuffled: windows at random positions drawn from --seed (preset)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=["auto", "gpt2", "cpu"], default="auto", help="auto: gpt2 with CUDA, cpu without")
     g.add_argument("--n_layer", type=int)
@@ -220,31 +224,38 @@ def check_token_ids(tokens, vocab_size, path, offset):
 
 
 class ShardLoader:
-    """Walks the train shards in order, one contiguous chunk per step.
+    """The train windows of each step: `sequential` (the speedrun's walk) or `shuffled`.
 
-    A step's chunk holds batch_size windows of `window` tokens, each overlapping the next by one token
-    (the last target of a window is the first input of the next). Rank r takes the r-th equal share of
-    windows, so the global batch, and the result, do not depend on the number of processes. A shard's
-    tail shorter than a chunk is skipped; after the last shard the walk starts over (a new epoch).
+    sequential: one contiguous chunk per step, batch_size windows of `window` tokens, each overlapping the
+    next by one token (the last target of a window is the first input of the next). A shard's tail shorter
+    than a chunk is skipped; after the last shard the walk starts over (a new epoch).
+    shuffled: every window starts at a random position of the shards, drawn from (seed, step) alone, so a
+    resumed run and any number of processes read the same windows; the seed varies the data order.
+    Either way rank r takes the r-th equal share of windows, so the global batch, and the result, do not
+    depend on the number of processes.
     """
 
-    def __init__(self, pattern, batch_size, rank, world_size, vocab_size):
+    def __init__(self, pattern, batch_size, rank, world_size, vocab_size, order="sequential", seed=0):
         self.files = find_shards(pattern)
         self.shards = [read_shard(f) for f in self.files]
         self.batch_size, self.rank, self.world_size, self.vocab_size = batch_size, rank, world_size, vocab_size
-        self.shard = self.offset = self.epoch = 0
+        self.order, self.seed = order, seed
+        self.shard = self.offset = self.epoch = self.draws = 0
 
     def chunk_tokens(self, window):
-        return self.batch_size * (window - 1) + 1
+        return self.batch_size * (window - 1) + 1 if self.order == "sequential" else window
 
     def check_fits(self, window):
         need, longest = self.chunk_tokens(window), max(len(s) for s in self.shards)
         if need > longest:
-            raise UsageError(f"a step needs {need} consecutive tokens ({self.batch_size} windows of {window}) but the"
+            what = f"{self.batch_size} windows of {window}" if self.order == "sequential" else f"windows of {window}"
+            raise UsageError(f"a step needs {need} consecutive tokens ({what}) but the"
                              f" longest train shard holds {longest}: lower --batch_size, --seq_len or the bag size")
 
     def next_batch(self, window):
         """This rank's windows of the next step, an int64 tensor (batch_size / world_size, window)."""
+        if self.order == "shuffled":
+            return self.random_windows(window)
         need = self.chunk_tokens(window)
         while self.offset + need > len(self.shards[self.shard]):
             self.shard, self.offset = self.shard + 1, 0
@@ -257,11 +268,24 @@ class ShardLoader:
         mine = torch.from_numpy(chunk[self.rank * share:(self.rank + 1) * share + 1].astype(np.int64))
         return mine.unfold(0, window, window - 1).contiguous()
 
+    def random_windows(self, window):
+        starts = np.cumsum([0] + [max(0, len(s) - window + 1) for s in self.shards])  # window starts, shard by shard
+        picks = np.random.default_rng([self.seed, self.draws]).integers(starts[-1], size=self.batch_size)
+        self.draws += 1
+        share = self.batch_size // self.world_size
+        rows = []
+        for pick in picks[self.rank * share:(self.rank + 1) * share]:
+            shard = int(np.searchsorted(starts, pick, side="right")) - 1
+            offset = int(pick - starts[shard])
+            rows.append(self.shards[shard][offset:offset + window])
+            check_token_ids(rows[-1], self.vocab_size, self.files[shard], offset)
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
     def state_dict(self):
-        return dict(shard=self.shard, offset=self.offset, epoch=self.epoch)
+        return dict(shard=self.shard, offset=self.offset, epoch=self.epoch, draws=self.draws)
 
     def load_state_dict(self, state):
-        self.shard, self.offset, self.epoch = state["shard"], state["offset"], state["epoch"]
+        self.shard, self.offset, self.epoch, self.draws = state["shard"], state["offset"], state["epoch"], state["draws"]
 
 
 def load_val_windows(pattern, n_tokens, seq_len, rank, world_size, vocab_size):
@@ -645,7 +669,7 @@ def train(args):
         torch.backends.cudnn.allow_tf32 = True
 
     # Everything that can be wrong with the input is found before the first step.
-    loader = ShardLoader(args.train_files, args.batch_size, rank, world_size, args.vocab_size)
+    loader = ShardLoader(args.train_files, args.batch_size, rank, world_size, args.vocab_size, args.data_order, args.seed)
     bag_sizes = sorted({size for size, _ in args.phases} | {1})
     for s in bag_sizes:
         loader.check_fits(window_tokens(s, args.tst_mode, args.seq_len))
