@@ -3,10 +3,11 @@
     python records/benchmark.py                                # this train_tst.py, every mode, TST s = 2, 4, 8
     git show REV:train_tst.py > /tmp/old.py && python records/benchmark.py --old /tmp/old.py   # adds that code's default
 
-Every row is a short real run of the trainer's command line (the CPU preset by default, on the bundled sample):
-its log gives the time of each step; a row's step time is the median over the steps after the first two.
-Runs whose times are compared go one after the other in one sitting, and the TST rows alternate with
-baseline runs, so a drift of the machine's speed falls on both alike. Prints Markdown tables.
+Modes: every row is a short real run of the trainer's command line (the CPU preset by default, on the bundled
+sample); its log gives the time of each step, and a row's step time is the median over the steps after the
+first two. TST's cost: one process, one compiled model in the default mode, baseline and TST steps of each bag
+size in turn (the same weights: learning rate 0), so that neither the machine's drift nor a process's luck
+(separate runs of one command differ by up to 10% here) falls on one side only. Prints Markdown tables.
 """
 import argparse
 import os
@@ -60,8 +61,9 @@ def main(argv=None):
     p.add_argument("--old", help="another train_tst.py (e.g. `git show REV:train_tst.py > old.py`): its default mode is timed too")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads per run (default: this machine's)")
     p.add_argument("--steps", type=int, default=12, help="steps per run")
-    p.add_argument("--repeats", type=int, default=2, help="baseline/TST alternations per bag size")
+    p.add_argument("--rounds", type=int, default=10, help="steps of each bag size, in turn, for TST's cost")
     p.add_argument("--bags", default="2,4,8", help="TST bag sizes timed against the baseline in the default mode")
+    p.add_argument("--tables", default="modes,tst", help="which tables: modes (step time per mode), tst (TST's cost)")
     p.add_argument("--extra", default="", help="more trainer flags for every run, e.g. '--n_layer 6 --n_embd 256 --n_head 2'")
     args = p.parse_args(argv)
     extra = args.extra.split()
@@ -69,6 +71,13 @@ def main(argv=None):
     rates = {name: matmul_gflops(dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print(f"{args.threads} threads; 2048 x 2048 matmul: fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s\n")
 
+    if "modes" in args.tables:
+        time_modes(args, extra, rates)
+    if "tst" in args.tables:
+        time_tst(args, extra)
+
+
+def time_modes(args, extra, rates):
     runs = [(f"--old: {os.path.basename(args.old)}", args.old, "its default", [])] if args.old else []
     runs += [("train_tst.py", TRAINER, mode, flags) for mode, flags in MODES.items()]
     print("| code | mode | ms / step | positions / s | model GFLOP/s | of the bf16 matmul rate |\n|---|---|---|---|---|---|")
@@ -77,17 +86,34 @@ def main(argv=None):
         print(f"| {name} | {mode} | {ms:.0f} | {positions / ms * 1000:,.0f} | {flops / ms / 1e6:.0f} |"
               f" {flops / ms / 1e6 / rates['bf16']:.0%} |", flush=True)
 
+
+def time_tst(args, extra):
     print("\n| bag size s | baseline ms / step | TST ms / step | TST / baseline |\n|---|---|---|---|")
-    default = MODES["compiled bf16 (default)"]
-    steps_in_tst = 1 - 1.5 / args.steps  # every step but the last one or two is a superposition step
-    for s in map(int, args.bags.split(",")):
-        base, tst = [], []
-        for _ in range(args.repeats):
-            base.append(timed_run(TRAINER, default, args.steps, args.threads, extra)[0])
-            tst.append(timed_run(TRAINER, default + ["--tst_s", str(s), "--tst_r", f"{steps_in_tst:.3f}"],
-                                 args.steps, args.threads, extra)[0])
-        b, t = statistics.median(base), statistics.median(tst)
-        print(f"| {s} | {b:.0f} | {t:.0f} | {t / b:.3f} |", flush=True)
+    bags = [int(s) for s in args.bags.split(",")]
+    times = tst_step_times(bags, args.rounds, extra)
+    for s in bags:
+        base, tst = statistics.median(times[1]), statistics.median(times[s])
+        print(f"| {s} | {base:.0f} | {tst:.0f} | {tst / base:.3f} |")
+
+
+def tst_step_times(bags, rounds, extra):
+    """ms of each step of each bag size (1: the baseline), in turn, in the default mode, in this process."""
+    sys.path.insert(0, os.path.dirname(TRAINER))
+    import train_tst as T
+    args = T.parse_args(extra)
+    model = T.GPT(args.vocab_size, args.n_layer, args.n_embd, args.n_head, args.seq_len)
+    optimizers = T.make_optimizers(model, args)
+    compiled = torch.compile(model, dynamic=False)
+    batches = {s: T.make_batch(torch.randint(50257, (args.batch_size, T.window_tokens(s, "full", args.seq_len))), s, args, 0.0)
+               for s in [1] + bags}
+    times = {s: [] for s in batches}
+    for round in range(rounds + 2):  # the first two compile and warm up
+        for s, batch in batches.items():
+            start = time.perf_counter()
+            T.train_step(compiled, optimizers, *batch, args.batch_size // args.micro_batch_size, 0.0)
+            if round >= 2:
+                times[s].append(1000 * (time.perf_counter() - start))
+    return times
 
 
 if __name__ == "__main__":
