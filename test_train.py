@@ -663,8 +663,10 @@ def test_val_slice_longer_than_val_data_and_windows_longer_than_shards(shards, t
     args = tiny(shards, tmp_path)
     args[args.index("--val_tokens") + 1] = "8000"
     run_expecting_error(args, capsys, "--val_tokens 8000 needs 8001 tokens", "hold 4000")
-    run_expecting_error(tiny(shards, tmp_path, "--seq_len", "4096", "--val_tokens", "4096", "--tst_s", "4"), capsys,
-                        "a step needs 65537 consecutive tokens", "longest train shard holds 30000")
+    run_expecting_error(tiny(shards, tmp_path, "--seq_len", "4096", "--val_tokens", "4096", "--tst_s", "4", "--data_order", "sequential"),
+                        capsys, "a step needs 65537 consecutive tokens (4 windows of 16385)", "longest train shard holds 30000")
+    run_expecting_error(tiny(shards, tmp_path, "--seq_len", "8192", "--val_tokens", "8192", "--tst_s", "4", "--data_order", "shuffled"),
+                        capsys, "a step needs 32769 consecutive tokens (windows of 32769)", "longest train shard holds 30000")
 
 
 @pytest.mark.parametrize("flags,needle", [

@@ -61,7 +61,7 @@ PRESETS = {
     "cpu": dict(n_layer=4, n_embd=128, n_head=1, seq_len=256, batch_size=8, micro_batch_size=8,
                 steps=400, lr=0.08, embed_lr=1.2, head_lr=1 / 80, scalar_lr=0.04, weight_decay=0.01,
                 warmup_steps=0, cooldown_frac=0.7, val_every=50, val_tokens=32_768, log_every=10,
-                data_order="sequential"),
+                data_order="shuffled"),  # a few MB of text: random windows (records/cpu/2026-11-23_crossover)
 }
 VOCAB_SIZE = 50304  # GPT-2's 50257 tokens, padded to a multiple of 128 for fast matmuls
 COMPILE_FROM_STEPS = 200  # a CPU compile (about 20 s a graph) repays itself after about 100 steps
