@@ -612,18 +612,6 @@ def evaluate(model, val_windows, micro_batch_size, device):
     return loss_sum / count
 
 
-def warm_up(train_model, model, optimizers, batch_for, val_windows, args, world_size, device):
-    """A step of every bag size at lr 0 and a validation batch, on random tokens."""
-    accum = args.batch_size // (world_size * args.micro_batch_size)
-    fake = torch.Generator().manual_seed(0)
-    phase_end = args.phases[-1][1] if args.phases else 0
-    for s in sorted({size for size, _ in args.phases} | {1}):
-        step = next((end - 1 for size, end in args.phases if size == s), phase_end)
-        shape = (args.batch_size // world_size, window_tokens(s, args.tst_mode, args.seq_len))
-        train_step(train_model, optimizers, *batch_for(step, torch.randint(args.vocab_size, shape, generator=fake)), accum, 0.0)
-    evaluate(model, val_windows[:args.micro_batch_size], args.micro_batch_size, device)
-
-
 def run_settings(args):
     """The flags that define a run, as logged and checkpointed (the parsed schedule is derived from them)."""
     return {k: v for k, v in vars(args).items() if k != "phases"}
@@ -689,14 +677,24 @@ def train(args):
         progress = (step - phase_end) / max(1, args.steps - phase_end)
         return make_batch(windows.to(device, non_blocking=True), bag_size_at(step, args.phases), args, progress)
 
+    def warm_up(accum):
+        """A step of every bag size at lr 0 and a validation batch, on random tokens."""
+        fake = torch.Generator().manual_seed(0)
+        for s in bag_sizes:
+            step = next((end - 1 for size, end in args.phases if size == s), phase_end)
+            shape = (args.batch_size // world_size, window_tokens(s, args.tst_mode, args.seq_len))
+            train_step(train_model, optimizers, *batch_for(step, torch.randint(args.vocab_size, shape, generator=fake)), accum, 0.0)
+        evaluate(model, val_windows[:args.micro_batch_size], args.micro_batch_size, device)
+
     # An untimed warmup runs a step of every phase and a validation batch on random tokens (compiling their
     # graphs), then puts model and optimizer back as they were. A micro-batch that runs out of memory there is
     # halved: gradient accumulation keeps the global batch, so the result does not change.
     snapshot = copy.deepcopy(raw_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers]
     warmup_notes = []
     while True:
+        accum = args.batch_size // (world_size * args.micro_batch_size)
         try:
-            warm_up(train_model, model, optimizers, batch_for, val_windows, args, world_size, device)
+            warm_up(accum)
             out_of_memory = False
         except torch.OutOfMemoryError:
             out_of_memory = True
@@ -714,7 +712,6 @@ def train(args):
         args.micro_batch_size = next(m for m in range(old // 2, 0, -1) if per_rank % m == 0)
         warmup_notes.append(f"out of memory at micro-batch {old}: halved to {args.micro_batch_size}"
                             f" ({per_rank // args.micro_batch_size} micro-batches a step, the same global batch)")
-    accum = args.batch_size // (world_size * args.micro_batch_size)
 
     step, train_ms, tokens_seen = 0, 0.0, 0
     if resume_state:
