@@ -989,6 +989,32 @@ def test_p_value_of_a_record_claim():
     assert compare.p_value_under([3.270, 3.29, 3.275], 3.28) > 0.05
 
 
+def test_crossover_pairs_each_tst_run_with_the_baseline_of_its_seed_and_budget(tmp_path, capsys):
+    def log(name, schedule, seed, steps, final, n_embd=128):
+        points = [(0, 10, 0, 0), (steps // 2, 5, 50 * steps, 10 * steps), (steps, final, 100 * steps, 20 * steps)]
+        return synthetic_log(tmp_path / f"{name}.txt", schedule, points, seed=seed, n_layer=4, n_embd=n_embd)
+    log("b20_0", "", 0, 20, 4.0), log("b20_1", "", 1, 20, 4.2), log("b20_2", "", 2, 20, 4.1)
+    log("t20_0", "4:0.3", 0, 20, 4.1), log("t20_1", "4:0.3", 1, 20, 4.25), log("t20_9", "4:0.3", 9, 20, 3.0)  # no base
+    log("b40_0", "", 0, 40, 3.6), log("t40_0", "4:0.3", 0, 40, 3.5)
+    log("w40_0", "", 0, 40, 3.0, n_embd=256), log("wt40_0", "4:0.3", 0, 40, 3.1, n_embd=256)
+    points = compare.crossover([compare.parse_log(str(p)) for p in sorted(tmp_path.glob("*.txt"))])
+    assert [(p["testbed"], p["steps"], p["seeds"]) for p in points] == [("4x128", 20, 2), ("4x128", 40, 1), ("4x256", 40, 1)]
+    assert points[0]["gap"] == pytest.approx([0.1, 0.05]) and points[0]["tst"] == "4:0.3"
+    # behind on both seeds: paired t = -0.075 / (0.0354 / sqrt 2) = -3, one degree of freedom; one seed: no test
+    assert points[0]["p_ahead"] == pytest.approx(0.5 + math.atan(3) / math.pi, abs=1e-4) and math.isnan(points[1]["p_ahead"])
+    # seed 0 at 20 steps: TST ends at 4.1, which its baseline reached at step 10 + (5 - 4.1) / (5 - 4) * 10 = 19
+    assert points[0]["step_speedup"][0] == pytest.approx(19 / 20)
+    assert points[1]["step_speedup"] == [pytest.approx(40 / (20 + (5 - 3.6) / (5 - 3.5) * 20))]  # TST ahead: > 1
+    assert compare.main([str(tmp_path), "--crossover"]) == 0
+    out = capsys.readouterr().out
+    assert "| 4x128 | 4:0.3 | 20 | 2 | 4.1000 ± 0.1414 | 4.1750 ± 0.1061 | 0.0750 ± 0.0354 |" in out
+    assert compare.main([str(tmp_path / "b20_0.txt"), str(tmp_path / "t40_0.txt"), "--crossover"]) == 2
+    assert "no TST run has a baseline" in capsys.readouterr().err
+    pytest.importorskip("matplotlib")
+    assert compare.main([str(tmp_path), "--crossover", "--plot", str(tmp_path / "map.png")]) == 0
+    assert open(tmp_path / "map.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 def test_compare_refuses_what_is_not_a_record_log(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("step:1/2 val_loss:3.0\n")
     assert compare.main([str(tmp_path / "notes.txt")]) == 2

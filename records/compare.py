@@ -2,6 +2,7 @@
 
     python records/compare.py records/cpu/2026-11-22_400steps/            # every log in a folder
     python records/compare.py base.txt tst.txt --target 3.28 --plot curves.png
+    python records/compare.py records/cpu/2026-11-23_crossover/ --crossover --plot map.png   # speedup vs budget
 
 The baseline is the first argument's run (or every run of --baseline's configuration, averaged over
 seeds). Speedup at iso-loss: take the loss L that both runs reach (the worse of their final val losses);
@@ -25,6 +26,9 @@ SWITCH_LINE = re.compile(r"checkpoint: step:(\d+) phase switch")
 NOT_A_CONFIG = {"seed", "run_id", "log_dir", "resume", "save_every", "log_every", "compile", "target_val_loss",
                 "train_files", "val_files", "micro_batch_size", "peak_tflops"}
 HAS_A_COLUMN = {"tst_s", "tst_r", "tst_schedule", "tst_mode", "steps"}
+BUDGET = {"steps", "val_every"}
+TST_SETTINGS = {"tst_s", "tst_r", "tst_schedule", "tst_mode", "tst_weights", "mtp_k"}
+SHAPE = {"n_layer", "n_embd", "n_head"}
 
 
 class NotARecord(Exception):
@@ -168,20 +172,82 @@ COLUMNS = [("name", "run"), ("seeds", "seeds"), ("s", "s"), ("r", "r"), ("mode",
            ("ended", "ended")]
 
 
-def markdown_table(rows):
-    cols = [(k, title) for k, title in COLUMNS if any(k in r for r in rows)]
+def is_baseline(run):
+    return not run["settings"]["tst_schedule"] and run["settings"].get("mtp_k", 1) <= 1
+
+
+def settings_key(run, keep):
+    return json.dumps({k: v for k, v in config(run).items() if keep(k)}, sort_keys=True)
+
+
+def testbed_names(keys):
+    """'layers x width' and whatever else differs between the testbeds (JSON keys)."""
+    configs = [json.loads(k) for k in keys]
+    varying = sorted({k for c in configs for k in c if k not in SHAPE and any(o.get(k) != c.get(k) for o in configs)})
+    return {key: " ".join([f"{c.get('n_layer', '?')}x{c.get('n_embd', '?')}"] + [f"{k}={c.get(k)}" for k in varying])
+            for key, c in zip(keys, configs)}
+
+
+def crossover(runs):
+    """The crossover map: per testbed (every setting but the budget, TST's and the seed), TST configuration and step
+    budget, each TST run paired with the baseline run of the same seed and budget (a shuffled data order follows the
+    seed, so the pair shares its data): final val losses, the paired gap, the one-sided p-value that TST ends ahead
+    (paired t-test), and the iso-loss speedup of each pair."""
+    testbed = lambda run: settings_key(run, lambda k: k not in BUDGET | TST_SETTINGS)
+    baselines = {(testbed(r), r["settings"]["steps"], r["settings"].get("seed")): r for r in runs if is_baseline(r)}
+    pairs = {}
+    for run in runs:
+        base = baselines.get((testbed(run), run["settings"]["steps"], run["settings"].get("seed")))
+        if base is not None and not is_baseline(run):
+            key = (testbed(run), settings_key(run, lambda k: k in TST_SETTINGS), run["settings"]["steps"])
+            pairs.setdefault(key, []).append((base, run))
+    names = testbed_names(sorted({key[0] for key in pairs}))
+    points = []
+    for (bed, _, steps), group in sorted(pairs.items(), key=lambda item: (names[item[0][0]], item[0][1], item[0][2])):
+        d = describe(group[0][1])
+        mtp = group[0][1]["settings"].get("mtp_k", 1)
+        gaps = [run["vals"][-1][1] - base["vals"][-1][1] for base, run in group]
+        points.append(dict(testbed=names[bed], steps=steps, seeds=len(group),
+                           tst=f"{d['schedule']}" + (f" {d['mode']}" if d["mode"] != "full" else "")
+                           + (f" mtp_k={mtp}" if mtp > 1 else ""),
+                           base_val=[base["vals"][-1][1] for base, _ in group], tst_val=[run["vals"][-1][1] for _, run in group],
+                           gap=gaps, p_ahead=p_value_under(gaps, 0.0),
+                           step_speedup=[speedup(base["vals"], run["vals"], axis=0) for base, run in group],
+                           speedup=[speedup(base["vals"], run["vals"]) for base, run in group]))
+    return points
+
+
+CROSSOVER_COLUMNS = [("testbed", "testbed"), ("tst", "TST s:r"), ("steps", "steps"), ("seeds", "seeds"),
+                     ("base_val", "baseline val loss"), ("tst_val", "TST val loss"), ("gap", "gap (TST - baseline)"),
+                     ("p_ahead", "p(TST ahead)"), ("step_speedup", "speedup at iso-loss (steps)"),
+                     ("speedup", "(time)")]
+
+
+def crossover_rows(points):
+    digits = dict(base_val=4, tst_val=4, gap=4, step_speedup=3, speedup=3)
+    return [dict(p, **{k: fmt(p[k], n) for k, n in digits.items()},
+                 p_ahead="n/a" if math.isnan(p["p_ahead"]) else f"{p['p_ahead']:.4f}") for p in points]
+
+
+def markdown_table(rows, columns=COLUMNS):
+    cols = [(k, title) for k, title in columns if any(k in r for r in rows)]
     out = ["| " + " | ".join(title for _, title in cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(str(r.get(k, "")) for k, _ in cols) + " |" for r in rows]
     return "\n".join(out)
 
 
-def plot(runs, path):
+def pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("error: --plot needs matplotlib: pip install matplotlib")
+    return plt
+
+
+def plot(runs, path):
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     configs = list(dict.fromkeys(config_key(r) for r in runs))  # one colour per configuration, seeds alike
     for run in runs:
@@ -201,12 +267,43 @@ def plot(runs, path):
     fig.savefig(path, dpi=110)
 
 
+def plot_crossover(points, path):
+    """Speedup at iso-loss (steps) and the paired val-loss gap against the step budget: a line per testbed and TST
+    configuration, seed means with one standard deviation as bars."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    lines = list(dict.fromkeys((p["testbed"], p["tst"]) for p in points))
+    for i, line in enumerate(lines):
+        curve = [p for p in points if (p["testbed"], p["tst"]) == line]
+        steps = [p["steps"] for p in curve]
+        for ax, key in zip(axes, ("step_speedup", "gap")):
+            values = [[v for v in p[key] if not math.isnan(v)] for p in curve]
+            spread = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values]
+            ax.errorbar(steps, [np.mean(v) if v else math.nan for v in values], yerr=spread, color=f"C{i % 10}",
+                        marker="o", capsize=3, label=f"{line[0]}, TST {line[1]}")
+    budgets = sorted({p["steps"] for p in points})
+    for ax, label, even in zip(axes, ("speedup at iso-loss (steps)", "final val loss, TST - baseline"), (1, 0)):
+        ax.axhline(even, color="k", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("step budget")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("TST against its baseline by budget (above 1 / below 0: TST ahead)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("logs", nargs="+", help="record logs, or folders of them")
     p.add_argument("--baseline", default=None, help="log whose configuration is the baseline (default: the first)")
     p.add_argument("--target", type=float, default=None, help="target val loss: time to it, and p-value of a record claim")
-    p.add_argument("--plot", default=None, help="write val loss curves to this PNG")
+    p.add_argument("--plot", default=None, help="write val loss curves (with --crossover: the map) to this PNG")
+    p.add_argument("--crossover", action="store_true",
+                   help="pair each TST run with the baseline of its seed and budget: a row per testbed, TST setting and budget")
     p.add_argument("--include_unfinished", action="store_true", help="also pool runs whose log has no 'done:' line")
     args = p.parse_args(argv)
     paths = []
@@ -226,6 +323,16 @@ def main(argv=None):
     if not runs:
         print("error: no finished record logs given", file=sys.stderr)
         return 2
+    if args.crossover:
+        points = crossover(runs)
+        if not points:
+            print("error: no TST run has a baseline run of the same testbed, budget and seed", file=sys.stderr)
+            return 2
+        print(markdown_table(crossover_rows(points), CROSSOVER_COLUMNS))
+        if args.plot:
+            plot_crossover(points, args.plot)
+            print(f"plot: {args.plot}")
+        return 0
     if args.baseline and config_key(baseline) not in {config_key(r) for r in runs}:
         runs.insert(0, baseline)
     print(markdown_table(compare(runs, config_key(baseline), args.target)))
