@@ -193,25 +193,26 @@ def crossover(runs):
     budget, each TST run paired with the baseline run of the same seed and budget (a shuffled data order follows the
     seed, so the pair shares its data): final val losses, the paired gap, the one-sided p-value that TST ends ahead
     (paired t-test), and the iso-loss speedup of each pair."""
-    testbed = lambda run: settings_key(run, lambda k: k not in BUDGET | TST_SETTINGS)
-    baselines = {(testbed(r), r["settings"]["steps"], r["settings"].get("seed")): r for r in runs if is_baseline(r)}
+    testbed = {id(r): settings_key(r, lambda k: k not in BUDGET | TST_SETTINGS) for r in runs}
+    pair_key = lambda run: (testbed[id(run)], run["settings"]["steps"], run["settings"].get("seed"))
+    baselines = {pair_key(r): r for r in runs if is_baseline(r)}
     pairs = {}
     for run in runs:
-        base = baselines.get((testbed(run), run["settings"]["steps"], run["settings"].get("seed")))
+        base = baselines.get(pair_key(run))
         if base is not None and not is_baseline(run):
-            key = (testbed(run), settings_key(run, lambda k: k in TST_SETTINGS), run["settings"]["steps"])
+            key = (testbed[id(run)], settings_key(run, lambda k: k in TST_SETTINGS), run["settings"]["steps"])
             pairs.setdefault(key, []).append((base, run))
     names = testbed_names(sorted({key[0] for key in pairs}))
     points = []
     for (bed, _, steps), group in sorted(pairs.items(), key=lambda item: (names[item[0][0]], item[0][1], item[0][2])):
         d = describe(group[0][1])
         mtp = group[0][1]["settings"].get("mtp_k", 1)
-        gaps = [run["vals"][-1][1] - base["vals"][-1][1] for base, run in group]
+        base_val, tst_val = [base["vals"][-1][1] for base, _ in group], [run["vals"][-1][1] for _, run in group]
+        gaps = [t - b for b, t in zip(base_val, tst_val)]
         points.append(dict(testbed=names[bed], steps=steps, seeds=len(group),
                            tst=f"{d['schedule']}" + (f" {d['mode']}" if d["mode"] != "full" else "")
                            + (f" mtp_k={mtp}" if mtp > 1 else ""),
-                           base_val=[base["vals"][-1][1] for base, _ in group], tst_val=[run["vals"][-1][1] for _, run in group],
-                           gap=gaps, p_ahead=p_value_under(gaps, 0.0),
+                           base_val=base_val, tst_val=tst_val, gap=gaps, p_ahead=p_value_under(gaps, 0.0),
                            step_speedup=[speedup(base["vals"], run["vals"], axis=0) for base, run in group],
                            speedup=[speedup(base["vals"], run["vals"]) for base, run in group]))
     return points
