@@ -49,7 +49,8 @@ def shards(tmp_path_factory):
 
 
 def tiny(shards, tmp_path, *extra, steps=12):
-    return ["--train_files", str(shards / "t_train_*.bin"), "--val_files", str(shards / "t_val_*.bin"),
+    """A tiny CPU-preset run on CPU whatever GPUs exist: bitwise determinism and gloo hold there (test_cuda_* cover the GPU)."""
+    return ["--preset", "cpu", "--device", "cpu", "--train_files", str(shards / "t_train_*.bin"), "--val_files", str(shards / "t_val_*.bin"),
             "--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--seq_len", "16", "--batch_size", "4",
             "--vocab_size", str(VOCAB), "--val_tokens", "512", "--steps", str(steps), "--val_every", "4",
             "--log_every", "1", "--head_lr", "0.03", "--no-compile",
@@ -179,8 +180,11 @@ def test_lr_schedule_is_warmup_stable_decay():
 # ---------------------------------------------------------------------------------------------------
 # The gpt2 preset: the modded-nanogpt track-3 recipe (records/track_3_optimization/train_gpt_simple.py)
 
+GPT2 = ["--preset", "gpt2", "--train_files", "fineweb_train_*.bin", "--val_files", "fineweb_val_*.bin"]  # named: not read
+
+
 def gpt2_model(device="meta"):
-    args = T.parse_args(["--preset", "gpt2"])
+    args = T.parse_args(GPT2)
     with torch.device(device):
         return T.GPT(args.vocab_size, args.n_layer, args.n_embd, args.n_head, args.seq_len), args
 
@@ -274,7 +278,7 @@ def newton_schulz_float64(g, steps=12, a=2.0, b=-1.5, c=0.5):
 
 @pytest.mark.parametrize("name", ["attn.q", "attn.v", "mlp.fc"])
 def test_muon_update_of_one_matrix_is_float64_newton_schulz(name):
-    model, args = T.GPT(VOCAB, 1, 64, 1, 16), T.parse_args(["--preset", "gpt2", "--weight_decay", "0"])
+    model, args = T.GPT(VOCAB, 1, 64, 1, 16), T.parse_args(GPT2 + ["--weight_decay", "0"])
     _, muon = T.make_optimizers(model, args)
     weight = model.get_submodule(f"blocks.0.{name}").weight
     before = weight.detach().clone()
@@ -513,6 +517,235 @@ def test_resume_matches_an_uninterrupted_run(shards, tmp_path, order):
     assert f"resumed from {ckpt} at step 5" in resumed
     assert {k: v for k, v in val_losses(full).items() if k > 5} == val_losses(resumed)
     assert [r for r in train_rows(full) if r[0] > 5] == train_rows(resumed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A GPU user's first run: preset choice, data accounting, out of memory under DDP and compile
+
+def test_auto_preset_on_a_gpu_machine_trains_the_sample_or_says_what_to_download(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(T, "FINEWEB_DIR", str(tmp_path / "fineweb10B"))  # absent
+    args = T.parse_args([])
+    assert (args.device, args.preset, args.compile) == ("cuda", "cpu", True)
+    assert args.train_files.endswith(os.path.join("data", "sample", "sample_train_*.bin"))
+    assert "python data/cached_fineweb10B.py 19" in capsys.readouterr().err
+    with pytest.raises(T.UsageError, match=r"gpt2 preset trains on FineWeb.*python data/cached_fineweb10B.py 61 "):
+        T.parse_args(["--preset", "gpt2", "--tst_s", "8"])
+    assert T.parse_args(["--train_files", "mine_*.bin", "--val_files", "v_*.bin"]).preset == "gpt2"  # your data: the recipe
+    os.makedirs(tmp_path / "fineweb10B")
+    args = T.parse_args([])
+    assert args.preset == "gpt2" and args.train_files == str(tmp_path / "fineweb10B" / "fineweb_train_*.bin")
+    assert T.parse_args(["--device", "cpu"]).preset == "cpu"
+
+
+def test_readme_shard_counts_are_what_the_sequential_walk_reads():
+    """The README's table of FineWeb shards per TST setting comes from the same walk the loader takes."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    rows = dict(re.findall(r"^\| `--tst_s (\d+)`[^|]*\| (\d+) \|", readme, re.M))
+    assert set(rows) == {"1", "2", "4", "8"}
+    for s, shards in rows.items():
+        args = T.parse_args(GPT2 + ["--tst_s", s, "--device", "cpu"])
+        assert T.sequential_shards(T.step_windows(args), args.batch_size, [], T.FINEWEB_SHARD_TOKENS) == int(shards)
+
+
+def test_sequential_walk_counts_shards_with_tails_skipped(shards):
+    lengths = [len(T.read_shard(f)) for f in sorted(glob_train(shards))]  # 26,000 and 30,000 tokens
+    chunk = 4 * 64  # batch 4, windows of 65 overlapping by one: 256 new tokens a step
+    per_shard = [(n - 1) // chunk for n in lengths]  # whole chunks before a tail too short
+    assert T.sequential_shards([65] * per_shard[0], 4, lengths, 10**9) == 1
+    assert T.sequential_shards([65] * (per_shard[0] + 1), 4, lengths, 10**9) == 2
+    assert T.sequential_shards([65] * sum(per_shard), 4, lengths, 10**9) == 2
+    assert T.sequential_shards([65] * (sum(per_shard) + 1), 4, lengths, max(lengths)) == 3
+    loader = T.ShardLoader(str(shards / "t_train_*.bin"), 4, 0, 1, VOCAB)
+    for _ in range(sum(per_shard)):
+        loader.next_batch(65)
+    assert (loader.shard, loader.epoch) == (1, 0)
+    loader.next_batch(65)
+    assert (loader.shard, loader.epoch, loader.offset) == (0, 1, 256)  # the walk and the loader agree on the wrap
+
+
+def glob_train(shards):
+    return T.find_shards(str(shards / "t_train_*.bin"))
+
+
+def test_a_sequential_run_that_would_repeat_stops_before_any_work(shards, tmp_path, capsys):
+    flags = ["--data_order", "sequential", "--seq_len", "64", "--val_tokens", "512"]
+    run_expecting_error(tiny(shards, tmp_path, *flags, steps=300), capsys,
+                        "this sequential run reads 76,800 tokens, more than its 2 train shards give",
+                        "it needs 3 shards (FineWeb: python data/cached_fineweb10B.py 3), or --allow_repeat")
+    assert not os.path.exists(tmp_path / "logs" / "run.txt")
+    args = T.parse_args(tiny(shards, tmp_path, *flags, "--allow_repeat", steps=300))
+    loader = T.ShardLoader(args.train_files, args.batch_size, 0, 1, VOCAB, "sequential")
+    assert T.data_summary(loader, args).endswith("1.37 epochs, starting over at shard 1 after shard 2 (--allow_repeat)")
+    assert T.main(tiny(shards, tmp_path, *flags, "--tst_s", "2", "--tst_r", "0.5", steps=8)) == 0
+    data = next(l for l in log_lines(tmp_path) if l.startswith("data:"))
+    assert data == "data: 3,072 train tokens read of 56,000 in 2 shards, sequential: 0.05 epochs, shards 1-1 once each"
+
+
+LAUNCHER = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import train_tst as T
+real = T.train_step
+
+def flaky(model, optimizers, inputs, targets, weights, accum, lr_mult):
+    micro, rank = len(inputs) // accum, int(os.environ["RANK"])
+    if (micro >= 4 and rank == 1) or micro == 2:  # rank 1 alone runs out of memory at 4, both ranks at 2
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    return real(model, optimizers, inputs, targets, weights, accum, lr_mult)
+
+T.train_step = flaky
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+def torchrun(script, args, nproc=2, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_out_of_memory_on_one_rank_then_both_under_ddp_compiled_halves_and_matches(shards, tmp_path):
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER.format(here=HERE))
+    common = tiny(shards, tmp_path, "--tst_s", "2", "--tst_r", "0.5", "--batch_size", "8", "--compile", "--val_every", "3", steps=6)
+    common.remove("--no-compile")
+    halved = torchrun(str(launcher), common + ["--micro_batch_size", "4", "--run_id", "halved"])
+    assert halved.returncode == 0, halved.stderr[-3000:]
+    fits = torchrun(os.path.join(HERE, "train_tst.py"), common + ["--micro_batch_size", "1", "--run_id", "fits"])
+    assert fits.returncode == 0, fits.stderr[-3000:]
+    lines = log_lines(tmp_path, "halved")
+    assert "out of memory at micro-batch 4: halved to 2 (2 micro-batches a step, the same global batch)" in lines
+    assert "out of memory at micro-batch 2: halved to 1 (4 micro-batches a step, the same global batch)" in lines
+    assert "2 processes x 4 micro-batches of 1" in next(l for l in lines if l.startswith("model:"))
+    assert val_losses(lines) == val_losses(log_lines(tmp_path, "fits")) and len(val_losses(lines)) == 3
+    assert lines[-1].startswith("done: step:6/6")
+
+
+def test_a_bad_token_id_in_one_ranks_shuffled_windows_stops_every_rank(tmp_path):
+    d, window, batch = tmp_path / "data", 17, 4
+    tokens = markov_tokens(6000)
+    picks = np.random.default_rng([0, 0]).integers(5000 - window + 1, size=batch)
+    bad = int(picks[2]) + 8  # inside rank 1's first window
+    assert not any(p <= bad < p + window for p in picks[:2]), "rank 0 must not see it: pick another position"
+    train = tokens[1000:].copy()
+    train[bad] = VOCAB + 5
+    prepare.write_shard(d / "t_val_000000.bin", tokens[:1000])
+    prepare.write_shard(d / "t_train_000001.bin", train)
+    proc = torchrun(os.path.join(HERE, "train_tst.py"), tiny(d, tmp_path, "--data_order", "shuffled", steps=4), timeout=180)
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 2 and all(f"token id {VOCAB + 5} at position {bad} is not below --vocab_size {VOCAB}" in e for e in errors)
+
+
+def test_evaluate_syncs_the_host_once_not_per_micro_batch(monkeypatch):
+    model = T.GPT(VOCAB, 1, 32, 2, 16, torch.float32)
+    windows = torch.randint(VOCAB, (8, 17))
+    syncs = []
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, real=real, name=name: syncs.append(name) or real(self))
+    loss = T.evaluate(model, windows, 2, torch.device("cpu"))
+    assert syncs == ["tolist"] and loss == pytest.approx(math.log(VOCAB), abs=1e-4)
+
+
+def test_the_rotary_tables_are_the_only_buffers_so_ddp_need_not_broadcast_them():
+    model = T.GPT(VOCAB, 2, 32, 2, 16)
+    assert {n.rsplit(".", 1)[1] for n, _ in model.named_buffers()} == {"cos", "sin"} and not model.state_dict().keys() & {
+        n for n, _ in model.named_buffers()}
+    assert "broadcast_buffers=False" in open(os.path.join(HERE, "train_tst.py")).read()
+
+
+def test_the_log_header_survives_a_gpu_machine_without_nvidia_smi(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "nvidia-smi")
+
+    monkeypatch.setattr(T.subprocess, "run", missing)
+    lines = T.device_lines(torch.device("cuda", 0), 8)
+    assert lines[0] == "device cuda x8: NVIDIA H100 80GB HBM3" and lines[1].startswith("nvidia-smi: not available (FileNotFoundError")
+
+
+def test_a_stop_signal_on_the_last_step_ends_as_done(shards, tmp_path, monkeypatch):
+    real, steps = T.train_step, []
+
+    def last_step_signalled(model, optimizers, inputs, targets, weights, accum, lr_mult):
+        if lr_mult > 0:  # a real step, not the warmup's
+            steps.append(lr_mult)
+            if len(steps) == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, optimizers, inputs, targets, weights, accum, lr_mult)
+
+    monkeypatch.setattr(T, "train_step", last_step_signalled)
+    assert T.main(tiny(shards, tmp_path, steps=6)) == 0
+    lines = log_lines(tmp_path)
+    assert lines[-2] == f"checkpoint: step:6 end {tmp_path / 'logs' / 'run' / 'step_000006.pt'}"
+    assert lines[-1].startswith("done: step:6/6")
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA, skipped without a GPU; on a GPU machine: python -m pytest -q test_train.py -k cuda
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def random_shards(directory, train_tokens, val_tokens=140_000):
+    tokens = np.random.default_rng(0).integers(50257, size=val_tokens + train_tokens)
+    prepare.write_shard(directory / "r_val_000000.bin", tokens[:val_tokens])
+    prepare.write_shard(directory / "r_train_000001.bin", tokens[val_tokens:])
+    return ["--train_files", str(directory / "r_train_*.bin"), "--val_files", str(directory / "r_val_*.bin")]
+
+
+def gpt2_on_device(tmp_path, *extra):
+    return ["--preset", "gpt2", "--device", "cuda", *random_shards(tmp_path, 3_000_000), "--log_dir", str(tmp_path / "logs"), *extra]
+
+
+def peak_gib(line):
+    return float(re.search(r"peak_mem:([\d.]+)GiB", line).group(1))
+
+
+@needs_cuda
+def test_cuda_gpt2_shape_compiled_bf16_both_phases_resume_and_peak_memory(tmp_path):
+    """The gpt2 preset's model compiled in bf16: 2 steps of TST s = 8, 2 of next-token, then a resume from the switch."""
+    run = gpt2_on_device(tmp_path, "--batch_size", "16", "--micro_batch_size", "8", "--steps", "4", "--tst_s", "8", "--tst_r", "0.5",
+                         "--val_tokens", "65536", "--val_every", "2", "--compile")
+    assert T.main(run + ["--run_id", "full"]) == 0
+    lines = log_lines(tmp_path, "full")
+    assert next(l for l in lines if l.startswith("model:")).startswith("model: 162,354,816 parameters")
+    rows = train_rows(lines)
+    assert [r[3] for r in rows] == [8, 8, 1, 1] and all(math.isfinite(r[1]) for r in rows)
+    assert lines[-1].startswith("done: step:4/4") and peak_gib(lines[-1]) > 1
+    print(f"peak memory, gpt2 shape, micro-batch 8, s = 8: {peak_gib(lines[-1])} GiB")
+    ckpt = tmp_path / "logs" / "full" / "step_000002.pt"  # written at the switch
+    assert T.main(run + ["--run_id", "resumed", "--resume", str(ckpt)]) == 0
+    assert val_losses(log_lines(tmp_path, "resumed"))[4] == pytest.approx(val_losses(lines)[4], abs=1e-2)
+
+
+@needs_cuda
+def test_cuda_a_real_out_of_memory_halves_the_micro_batch(tmp_path):
+    """64 sequences of 8192 positions: the float32 logits alone are 105 GB, more than any single GPU here holds."""
+    run = gpt2_on_device(tmp_path, "--seq_len", "8192", "--batch_size", "64", "--micro_batch_size", "64", "--steps", "1",
+                         "--val_tokens", "16384", "--no-compile", "--run_id", "oom")
+    assert T.main(run) == 0
+    lines = log_lines(tmp_path, "oom")
+    halvings = [l for l in lines if l.startswith("out of memory at micro-batch")]
+    assert halvings[0].startswith("out of memory at micro-batch 64: halved to 32") and lines[-1].startswith("done: step:1/1")
+    print("\n".join(halvings + [lines[-1]]))
+
+
+@needs_cuda
+def test_cuda_ddp_over_the_visible_gpus(tmp_path):
+    n = torch.cuda.device_count()
+    if n < 2:
+        pytest.skip("one GPU: no DDP to test")
+    run = gpt2_on_device(tmp_path, "--batch_size", str(8 * n), "--micro_batch_size", "4", "--steps", "4", "--tst_s", "8", "--tst_r", "0.5",
+                         "--val_tokens", str(8192 * n), "--compile", "--run_id", "ddp")
+    proc = torchrun(os.path.join(HERE, "train_tst.py"), run, nproc=n, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = log_lines(tmp_path, "ddp")
+    assert f"{n} processes x 2 micro-batches of 4" in next(l for l in lines if l.startswith("model:"))
+    assert lines[-1].startswith("done: step:4/4")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1033,3 +1266,32 @@ def test_plot_draws_curves_or_says_how_to_get_matplotlib(tmp_path, monkeypatch, 
     pytest.importorskip("matplotlib")
     assert compare.main([base, "--plot", str(tmp_path / "p.png")]) == 0
     assert open(tmp_path / "p.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def track3_log(path, trials):
+    """A log in modded-nanogpt's track-3 format (the source, '=' lines, then its own val lines), trials one after another."""
+    lines = ['"""train_gpt_simple.py"""', compare.SEPARATOR, "Running PyTorch 2.10.0+cu128 compiled for CUDA 12.8", compare.SEPARATOR]
+    for points in trials:
+        n = points[-1][0]
+        lines += [f"step:{s}/{n} val_loss:{l:.5f} train_time:{s * 0.15365:.3f}s step_avg:{153.65 if s else float('nan'):.2f}ms"
+                  for s, l in points]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_reference_check_reads_the_track3_format_and_flags_what_is_outside_the_noise(tmp_path, capsys):
+    ref = track3_log(tmp_path / "03eada03.txt", [[(0, 10.82584), (125, 4.61126), (3500, 3.27847), (3600, 3.27568)]])
+    assert compare.parse_reference(ref) == [[(0, 10.82584), (125, 4.61126), (3500, 3.27847), (3600, 3.27568)]]
+    ours = synthetic_log(tmp_path / "ours.txt", "", [(0, 10.8258, 0, 0), (125, 4.6300, 1, 1), (3500, 3.2770, 2, 2), (3600, 3.2790, 3, 3)])
+    assert compare.main([ours, "--reference", ref]) == 0
+    out = capsys.readouterr().out
+    tolerance = 3 * 0.0013 * math.sqrt(2)  # one run each side, the README's sigma
+    assert "| 3500 | 3.2785 | 3.2770 | -0.0015 | 0.0013 (track-3 README) | yes |" in out
+    assert "| 3600 | 3.2757 | 3.2790 | +0.0033 | 0.0013 (track-3 README) | yes |" in out  # 0.0033 < 0.0055
+    assert f"| 125 | 4.6113 | 4.6300 | +0.0187 | 0.0013 (track-3 README) | no (3σ: {tolerance:.4f}) |" in out
+    assert "3 of 4 validation steps within 3σ of the reference" in out
+    three = track3_log(tmp_path / "trials.txt", [[(0, 10.8), (3600, 3.2757 + d)] for d in (-0.002, 0.0, 0.002)])
+    assert compare.main([ours, "--reference", three]) == 0
+    assert "| 3600 | 3.2757 | 3.2790 | +0.0033 | 0.0020 (3 trials) | yes |" in capsys.readouterr().out  # 3σ√(1/3+1) = 0.0069
+    assert compare.main([ours, "--reference", ours]) == 2
+    assert "no track-3 validation line" in capsys.readouterr().err

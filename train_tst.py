@@ -13,7 +13,6 @@ Read top to bottom: hyperparameters, data, model, TST, optimizer and schedule, t
 """
 import argparse
 import contextlib
-import copy
 import glob
 import hashlib
 import json
@@ -77,8 +76,11 @@ def build_parser():
     g.add_argument("--val_tokens", type=int, help="size of the fixed validation slice (preset)")
     g.add_argument("--data_order", choices=["sequential", "shuffled"],
                    help="sequential: the speedrun's walk through the shards; shuffled: windows at random positions drawn from --seed (preset)")
+    g.add_argument("--allow_repeat", action="store_true",
+                   help="let a sequential run read its shards again when it runs out (it stops before any work otherwise)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", choices=["auto", "gpt2", "cpu"], default="auto", help="auto: gpt2 with CUDA, cpu without")
+    g.add_argument("--preset", choices=["auto", "gpt2", "cpu"], default="auto",
+                   help="auto: gpt2 with CUDA and FineWeb (or your --train_files), cpu otherwise")
     g.add_argument("--n_layer", type=int)
     g.add_argument("--n_embd", type=int)
     g.add_argument("--n_head", type=int)
@@ -105,6 +107,7 @@ def build_parser():
     g.add_argument("--cooldown_frac", type=float, help="fraction of the steps over which the LR decays linearly to 0")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("speedrun, logging and checkpoints")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when a GPU is visible")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help=f"torch.compile (default: on with CUDA, or for {COMPILE_FROM_STEPS}+ steps on CPU)")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
@@ -124,15 +127,23 @@ def parse_args(argv=None, world_size=None):
     """Resolve the preset, fill defaults and reject impossible values before any work starts."""
     args = build_parser().parse_args(argv)
     world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible")
+    on_sample = args.train_files is None and not os.path.isdir(FINEWEB_DIR)
     if args.preset == "auto":
-        args.preset = "gpt2" if torch.cuda.is_available() else "cpu"
+        args.preset = "gpt2" if args.device == "cuda" and not on_sample else "cpu"
+        if args.device == "cuda" and on_sample and int(os.environ.get("RANK", 0)) == 0:
+            print("note: no FineWeb shards in data/fineweb10B, so this trains the cpu preset on the bundled sample;"
+                  " for GPT-2: python data/cached_fineweb10B.py 19, then the same command", file=sys.stderr)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.micro_batch_size * world_size > args.batch_size:
         args.micro_batch_size = max(1, args.batch_size // world_size)
     if args.compile is None:
-        args.compile = torch.cuda.is_available() or args.steps >= COMPILE_FROM_STEPS
+        args.compile = args.device == "cuda" or args.steps >= COMPILE_FROM_STEPS
     for pattern, split in (("train_files", "train"), ("val_files", "val")):
         if getattr(args, pattern) is None:
             setattr(args, pattern, default_shards(split))
@@ -168,6 +179,10 @@ def parse_args(argv=None, world_size=None):
     if args.target_val_loss is not None and args.target_val_loss <= 0:
         raise UsageError(f"--target_val_loss must be positive, got {args.target_val_loss}")
     args.phases = parse_tst_schedule(args.tst_schedule, args.steps)
+    if args.preset == "gpt2" and on_sample:
+        shards = sequential_shards(step_windows(args), args.batch_size, [], FINEWEB_SHARD_TOKENS)
+        raise UsageError(f"the gpt2 preset trains on FineWeb, which is not in data/fineweb10B: python data/cached_fineweb10B.py"
+                         f" {shards} (what this run reads), or give --train_files and --val_files")
     return args
 
 
@@ -176,13 +191,14 @@ def parse_args(argv=None, world_size=None):
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = 4 * HEADER_INTS  # then header[2] uint16 tokens
+FINEWEB_DIR = os.path.join(HERE, "data", "fineweb10B")
+FINEWEB_SHARD_TOKENS = 100_000_000
 
 
 def default_shards(split):
     """FineWeb's layout when data/fineweb10B exists, else the bundled sample."""
-    fineweb = os.path.join(HERE, "data", "fineweb10B")
-    if os.path.isdir(fineweb):
-        return os.path.join(fineweb, f"fineweb_{split}_*.bin")
+    if os.path.isdir(FINEWEB_DIR):
+        return os.path.join(FINEWEB_DIR, f"fineweb_{split}_*.bin")
     return os.path.join(HERE, "data", "sample", f"sample_{split}_*.bin")
 
 
@@ -215,6 +231,27 @@ def find_shards(pattern):
     return files
 
 
+def next_chunk(shard, offset, need, shard_length):
+    """Where the sequential walk takes its next chunk of `need` tokens: (shard, offset), skipping a shard tail too
+    short for it. Shards are numbered along the walk; shard_length(i) gives the length of the i-th."""
+    while offset + need > shard_length(shard):
+        shard, offset = shard + 1, 0
+    return shard, offset
+
+
+def sequential_shards(windows, batch_size, shard_lengths, further_shard):
+    """How many shards the sequential walk enters to read a step of `batch_size` windows of each length in
+    `windows`: the given shards in order, then shards of `further_shard` tokens. More than the given shards
+    means a run on them would start over at the first (read some text twice)."""
+    length = lambda i: shard_lengths[i] if i < len(shard_lengths) else further_shard
+    shard = offset = 0
+    for window in windows:
+        need = batch_size * (window - 1) + 1
+        shard, offset = next_chunk(shard, offset, need, length)
+        offset += need - 1
+    return shard + 1
+
+
 def check_token_ids(tokens, vocab_size, path, offset):
     """Ids at or past the vocabulary would index past the embedding table: refuse them by name."""
     top = int(tokens.max())
@@ -232,7 +269,8 @@ class ShardLoader:
     shuffled: every window starts at a random position of the shards, drawn from (seed, step) alone, so a
     resumed run and any number of processes read the same windows; the seed varies the data order.
     Either way rank r takes the r-th equal share of windows, so the global batch, and the result, do not
-    depend on the number of processes.
+    depend on the number of processes, and every rank checks the token ids of the whole step, so a bad id
+    stops all ranks at the same step.
     """
 
     def __init__(self, pattern, batch_size, rank, world_size, vocab_size, order="sequential", seed=0):
@@ -256,11 +294,9 @@ class ShardLoader:
         """This rank's windows of the next step, an int64 tensor (batch_size / world_size, window)."""
         if self.order == "shuffled":
             return self.random_windows(window)
-        need = self.chunk_tokens(window)
-        while self.offset + need > len(self.shards[self.shard]):
-            self.shard, self.offset = self.shard + 1, 0
-            if self.shard == len(self.shards):
-                self.shard, self.epoch = 0, self.epoch + 1
+        need, n = self.chunk_tokens(window), len(self.shards)
+        walked, self.offset = next_chunk(self.epoch * n + self.shard, self.offset, need, lambda i: len(self.shards[i % n]))
+        self.epoch, self.shard = divmod(walked, n)
         chunk = self.shards[self.shard][self.offset:self.offset + need]
         check_token_ids(chunk, self.vocab_size, self.files[self.shard], self.offset)
         self.offset += need - 1
@@ -274,11 +310,13 @@ class ShardLoader:
         self.draws += 1
         share = self.batch_size // self.world_size
         rows = []
-        for pick in picks[self.rank * share:(self.rank + 1) * share]:
+        for i, pick in enumerate(picks):
             shard = int(np.searchsorted(starts, pick, side="right")) - 1
             offset = int(pick - starts[shard])
-            rows.append(self.shards[shard][offset:offset + window])
-            check_token_ids(rows[-1], self.vocab_size, self.files[shard], offset)
+            tokens = self.shards[shard][offset:offset + window]
+            check_token_ids(tokens, self.vocab_size, self.files[shard], offset)
+            if i // share == self.rank:
+                rows.append(tokens)
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
     def state_dict(self):
@@ -558,15 +596,15 @@ def lr_multiplier(step, args):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Training loop
+# Training loop: set-up (data checks, model, micro-batch and compile warmup, optimizers) before the clock
+# starts, then one loop whose sections are validate, checkpoint/stop, train and log.
 
-def setup_distributed():
+def setup_distributed(device_type):
     """torchrun sets RANK/WORLD_SIZE: NCCL on GPUs, gloo on CPU. Without it, one process."""
-    cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        return 0, 1, torch.device(device_type)
+    cuda = device_type == "cuda"
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
@@ -574,11 +612,45 @@ def setup_distributed():
 
 
 def all_reduce_sum(values, device):
-    """Sum a list of floats over ranks (one call per step: loss and stop flag travel together)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    """Sum floats or 0-d tensors over ranks; one collective and one host sync (a step's loss and stop flag travel together)."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def step_windows(args):
+    """The window length each step reads, in order (s*T+1 tokens in a superposition step that reads bags)."""
+    return [window_tokens(bag_size_at(step, args.phases), args.tst_mode, args.seq_len) for step in range(args.steps)]
+
+
+def data_summary(loader, args):
+    """The log's `data:` line: the train tokens the run reads against what its shards hold. A sequential run that
+    would run out of shards and start over stops here, before any work, unless --allow_repeat says so."""
+    windows, lengths = step_windows(args), [len(s) for s in loader.shards]
+    reads, holds = args.batch_size * sum(w - 1 for w in windows), sum(lengths)
+    line = f"data: {reads:,} train tokens read of {holds:,} in {len(lengths)} shards, {args.data_order}: {reads / holds:.2f} epochs"
+    if args.data_order == "shuffled":
+        return line
+    needed = sequential_shards(windows, args.batch_size, lengths, max(lengths))
+    if needed <= len(lengths):
+        return line + f", shards 1-{needed} once each"
+    if not args.allow_repeat:
+        raise UsageError(f"this sequential run reads {reads:,} tokens, more than its {len(lengths)} train shards give (tails shorter"
+                         f" than a step skipped): it needs {needed} shards (FineWeb: python data/cached_fineweb10B.py {needed}),"
+                         " or --allow_repeat to read them again")
+    return line + f", starting over at shard 1 after shard {len(lengths)} (--allow_repeat)"
+
+
+def bag_sizes(args):
+    return sorted({size for size, _ in args.phases} | {1})
+
+
+def batch_for(step, windows, args, device):
+    """Inputs, targets and slot weights of a step from its token windows, on the device."""
+    phase_end = args.phases[-1][1] if args.phases else 0
+    progress = (step - phase_end) / max(1, args.steps - phase_end)
+    return make_batch(windows.to(device, non_blocking=True), bag_size_at(step, args.phases), args, progress)
 
 
 def train_step(model, optimizers, inputs, targets, weights, accum, lr_mult):
@@ -600,16 +672,66 @@ def train_step(model, optimizers, inputs, targets, weights, accum, lr_mult):
 
 
 @torch.no_grad()
-def evaluate(model, val_windows, micro_batch_size, device):
-    """Plain next-token loss on the fixed val slice, averaged over all ranks' windows."""
+def val_loss_sum(model, val_windows, micro_batch_size, device):
+    """This rank's summed next-token loss over its val windows, left on the device (no sync per micro-batch)."""
     model.eval()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for windows in val_windows.split(micro_batch_size):
         windows = windows.to(device, non_blocking=True)
-        total += model(windows[:, :-1], windows[:, 1:]).item() * len(windows)
+        total += model(windows[:, :-1], windows[:, 1:]).double() * len(windows)
     model.train()
-    loss_sum, count = all_reduce_sum([total, len(val_windows)], device)
+    return total
+
+
+def evaluate(model, val_windows, micro_batch_size, device):
+    """Plain next-token loss on the fixed val slice, averaged over all ranks' windows."""
+    loss_sum, count = all_reduce_sum([val_loss_sum(model, val_windows, micro_batch_size, device), len(val_windows)], device)
     return loss_sum / count
+
+
+def warm_up(model, optimizers, args, val_windows, world_size, device):
+    """A step of every bag size at lr 0 and a validation batch on random tokens: compiles their graphs and
+    allocates what training will. This rank alone: no collective, so a rank that runs out of memory here
+    cannot leave the others waiting in one."""
+    fake = torch.Generator().manual_seed(0)
+    accum = args.batch_size // (world_size * args.micro_batch_size)
+    for s in bag_sizes(args):
+        step = next((end - 1 for size, end in args.phases if size == s), args.phases[-1][1] if args.phases else 0)
+        windows = torch.randint(args.vocab_size, (args.batch_size // world_size, window_tokens(s, args.tst_mode, args.seq_len)), generator=fake)
+        train_step(model, optimizers, *batch_for(step, windows, args, device), accum, 0.0)
+    val_loss_sum(model, val_windows[:args.micro_batch_size], args.micro_batch_size, device)
+
+
+def fit_micro_batch(raw_model, args, val_windows, world_size, device):
+    """Compile (if asked) and warm up, halving the micro-batch while any rank runs out of memory: gradient
+    accumulation keeps the global batch, so the result does not change. The weights are put back from a CPU
+    copy (none stays on the device) and the warmup's optimizers are dropped. Returns the model to run and the
+    log's notes. Compiled graphs of a micro-batch that did not fit are dropped too, and a recompile past the
+    graphs a run needs is an error rather than a silent fall back to eager."""
+    snapshot = {k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()}
+    torch._dynamo.config.recompile_limit = 2 * (len(bag_sizes(args)) + 2)  # train and eval graphs, inside DDP and not
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    notes = []
+    while True:
+        model = torch.compile(raw_model, dynamic=False) if args.compile else raw_model
+        try:
+            warm_up(model, make_optimizers(raw_model, args), args, val_windows, world_size, device)
+            out_of_memory = False
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        raw_model.zero_grad(set_to_none=True)
+        raw_model.load_state_dict(snapshot)
+        if not all_reduce_sum([float(out_of_memory)], device)[0]:
+            return model, notes
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        per_rank, old = args.batch_size // world_size, args.micro_batch_size
+        if old == 1:
+            raise UsageError("out of memory at micro-batch 1: the model does not fit this device")
+        args.micro_batch_size = next(m for m in range(old // 2, 0, -1) if per_rank % m == 0)
+        notes.append(f"out of memory at micro-batch {old}: halved to {args.micro_batch_size}"
+                     f" ({per_rank // args.micro_batch_size} micro-batches a step, the same global batch)")
 
 
 def run_settings(args):
@@ -617,7 +739,7 @@ def run_settings(args):
     return {k: v for k, v in vars(args).items() if k != "phases"}
 
 
-RESUMABLE_ANYWAY = {"resume", "run_id", "log_dir", "save_every", "val_every", "log_every", "compile",
+RESUMABLE_ANYWAY = {"resume", "run_id", "log_dir", "save_every", "val_every", "log_every", "compile", "device", "allow_repeat",
                     "target_val_loss", "micro_batch_size", "train_files", "val_files", "peak_tflops", "preset"}
 
 
@@ -647,71 +769,35 @@ def load_checkpoint(path, args):
     return state
 
 
-def train(args):
-    rank, world_size, device = setup_distributed()
-    master = rank == 0
-    torch.manual_seed(args.seed)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def clock(step, train_ms, tokens_seen):
+    return f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step if step else 0.0:.2f}ms tokens:{tokens_seen}"
 
-    # Everything that can be wrong with the input is found before the first step.
+
+def peak_memory(device):
+    """The final line's peak device memory (CUDA only)."""
+    return f" peak_mem:{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f}GiB" if device.type == "cuda" else ""
+
+
+def train(args):
+    # --- set-up: everything that can be wrong with the input is found before the first step
+    rank, world_size, device = setup_distributed(args.device)
+    master, cuda = rank == 0, device.type == "cuda"
+    torch.manual_seed(args.seed)
     loader = ShardLoader(args.train_files, args.batch_size, rank, world_size, args.vocab_size, args.data_order, args.seed)
-    bag_sizes = sorted({size for size, _ in args.phases} | {1})
-    for s in bag_sizes:
+    for s in bag_sizes(args):
         loader.check_fits(window_tokens(s, args.tst_mode, args.seq_len))
+    data_line = data_summary(loader, args)
     val_windows = load_val_windows(args.val_files, args.val_tokens, args.seq_len, rank, world_size, args.vocab_size)
     resume_state = load_checkpoint(args.resume, args) if args.resume else None
 
     dtype = dict(bf16=torch.bfloat16, fp32=torch.float32)[args.dtype]
     raw_model = GPT(args.vocab_size, args.n_layer, args.n_embd, args.n_head, args.seq_len, dtype).to(device)
+    model, warmup_notes = fit_micro_batch(raw_model, args, val_windows, world_size, device)
     optimizers = make_optimizers(raw_model, args)
-    model = torch.compile(raw_model, dynamic=False) if args.compile else raw_model
-    train_model = DDP(model, device_ids=[device.index] if cuda else None) if world_size > 1 else model
-    tokens_per_position = args.batch_size * args.seq_len
-    flops_per_step = model_flops_per_token(raw_model, args.seq_len) * tokens_per_position
-    phase_end = args.phases[-1][1] if args.phases else 0
-
-    def batch_for(step, windows):
-        progress = (step - phase_end) / max(1, args.steps - phase_end)
-        return make_batch(windows.to(device, non_blocking=True), bag_size_at(step, args.phases), args, progress)
-
-    def warm_up(accum):
-        """A step of every bag size at lr 0 and a validation batch, on random tokens."""
-        fake = torch.Generator().manual_seed(0)
-        for s in bag_sizes:
-            step = next((end - 1 for size, end in args.phases if size == s), phase_end)
-            shape = (args.batch_size // world_size, window_tokens(s, args.tst_mode, args.seq_len))
-            train_step(train_model, optimizers, *batch_for(step, torch.randint(args.vocab_size, shape, generator=fake)), accum, 0.0)
-        evaluate(model, val_windows[:args.micro_batch_size], args.micro_batch_size, device)
-
-    # An untimed warmup runs a step of every phase and a validation batch on random tokens (compiling their
-    # graphs), then puts model and optimizer back as they were. A micro-batch that runs out of memory there is
-    # halved: gradient accumulation keeps the global batch, so the result does not change.
-    snapshot = copy.deepcopy(raw_model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers]
-    warmup_notes = []
-    while True:
-        accum = args.batch_size // (world_size * args.micro_batch_size)
-        try:
-            warm_up(accum)
-            out_of_memory = False
-        except torch.OutOfMemoryError:
-            out_of_memory = True
-        raw_model.load_state_dict(snapshot[0])
-        for opt, state in zip(optimizers, snapshot[1]):
-            opt.load_state_dict(state)
-            opt.zero_grad(set_to_none=True)
-        if not all_reduce_sum([float(out_of_memory)], device)[0]:
-            break
-        if cuda:
-            torch.cuda.empty_cache()
-        per_rank, old = args.batch_size // world_size, args.micro_batch_size
-        if old == 1:
-            raise UsageError("out of memory at micro-batch 1: the model does not fit this device")
-        args.micro_batch_size = next(m for m in range(old // 2, 0, -1) if per_rank % m == 0)
-        warmup_notes.append(f"out of memory at micro-batch {old}: halved to {args.micro_batch_size}"
-                            f" ({per_rank // args.micro_batch_size} micro-batches a step, the same global batch)")
+    # The rotary tables are the only buffers, the same on every rank: nothing to broadcast each step.
+    train_model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False) if world_size > 1 else model
+    accum = args.batch_size // (world_size * args.micro_batch_size)
+    flops_per_step = model_flops_per_token(raw_model, args.seq_len) * args.batch_size * args.seq_len
 
     step, train_ms, tokens_seen = 0, 0.0, 0
     if resume_state:
@@ -729,83 +815,81 @@ def train(args):
     if log.fresh:
         log.header(args, device, world_size)
         log.line(f"model: {sum(p.numel() for p in raw_model.parameters()):,} parameters, {flops_per_step:.4g} FLOPs per step,"
-                 f" {tokens_per_position:,} positions per step, {world_size} processes x {accum} micro-batches of {args.micro_batch_size}")
+                 f" {args.batch_size * args.seq_len:,} positions per step, {world_size} processes x {accum} micro-batches of {args.micro_batch_size}")
+        log.line(data_line)
     for note in warmup_notes:
         log.line(note)
     if resume_state:
         log.line(f"resumed from {args.resume} at step {step}")
 
-    def checkpoint(reason):
-        path = os.path.join(ckpt_dir, f"step_{step:06d}.pt")
-        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):  # an update can poison the weights
-            raise Diverged(f"non-finite weights after step {step}; last good checkpoint: {last_ckpt or 'none'}")
-        if master:
-            save_checkpoint(path, dict(format=CHECKPOINT_FORMAT, code_sha=CODE_SHA, args=run_settings(args),
-                                       run_id=args.run_id, step=step, train_ms=train_ms, tokens_seen=tokens_seen,
-                                       model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
-                                       loader=loader.state_dict(), rng_cpu=torch.get_rng_state()))
-        log.line(f"checkpoint: step:{step} {reason} {path}")
-        return path
-
-    def stats():
-        avg = train_ms / step if step else 0.0
-        return f"train_time:{train_ms:.0f}ms step_avg:{avg:.2f}ms tokens:{tokens_seen}"
-
-    def validate():
-        loss = evaluate(model, val_windows, args.micro_batch_size, device)
-        if not math.isfinite(loss):
-            raise Diverged(f"non-finite val loss at step {step}")
-        log.line(f"step:{step}/{args.steps} val_loss:{loss:.4f} {stats()}")
-        return loss
-
     stop_signals = []
     handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    val_loss, reached, last_ckpt = None, None, args.resume
+    start_step, val_loss, reached, stopping, last_ckpt = step, None, None, False, args.resume
     try:
-        if step == 0:
-            val_loss = validate()
-        while step < args.steps:
-            s = bag_size_at(step, args.phases)
+        while True:
+            s = bag_size_at(step, args.phases)  # the bag size of the next step
+
+            # --- validate (plain next-token loss, whatever the phase)
+            fresh_point = step > start_step or resume_state is None  # a resumed run's first point was logged before
+            if fresh_point and (step in (0, args.steps) or (args.val_every and step % args.val_every == 0)):
+                val_loss = evaluate(model, val_windows, args.micro_batch_size, device)
+                if not math.isfinite(val_loss):
+                    raise Diverged(f"non-finite val loss at step {step}")
+                log.line(f"step:{step}/{args.steps} val_loss:{val_loss:.4f} {clock(step, train_ms, tokens_seen)}")
+                if args.target_val_loss is not None and val_loss <= args.target_val_loss and reached is None:
+                    reached = (step, train_ms)
+
+            # --- checkpoint and stop
+            reason = None
+            if step > start_step and step < args.steps and s != bag_size_at(step - 1, args.phases):
+                reason = f"phase switch s:{bag_size_at(step - 1, args.phases)}->{s}"
+            elif step > start_step and (step == args.steps or reached or stopping or (args.save_every and step % args.save_every == 0)):
+                reason = "end" if step == args.steps or reached else "interrupted" if stopping else "periodic"
+            if reason:
+                if not all(torch.isfinite(p).all() for p in raw_model.parameters()):  # an update can poison the weights
+                    raise Diverged(f"non-finite weights after step {step}; last good checkpoint: {last_ckpt or 'none'}")
+                last_ckpt = os.path.join(ckpt_dir, f"step_{step:06d}.pt")
+                if master:
+                    save_checkpoint(last_ckpt, dict(format=CHECKPOINT_FORMAT, code_sha=CODE_SHA, args=run_settings(args),
+                                                    run_id=args.run_id, step=step, train_ms=train_ms, tokens_seen=tokens_seen,
+                                                    model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                                                    loader=loader.state_dict(), rng_cpu=torch.get_rng_state()))
+                log.line(f"checkpoint: step:{step} {reason} {last_ckpt}")
+            if step == args.steps or reached:
+                break
+            if stopping:
+                signum = stop_signals[0] if stop_signals else signal.SIGTERM
+                log.close(f"interrupted: {signal.Signals(signum).name} at step:{step}/{args.steps} {clock(step, train_ms, tokens_seen)}"
+                          f"{peak_memory(device)}; continue with the same command and --resume {last_ckpt}")
+                return 128 + signum
+
+            # --- train
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             windows = loader.next_batch(window_tokens(s, args.tst_mode, args.seq_len))
-            inputs, targets, weights = batch_for(step, windows)
+            inputs, targets, weights = batch_for(step, windows, args, device)
             loss = train_step(train_model, optimizers, inputs, targets, weights, accum, lr_multiplier(step, args))
-            loss_sum, stopping = all_reduce_sum([float(loss), float(len(stop_signals))], device)
+            loss_sum, stop_votes = all_reduce_sum([loss, len(stop_signals)], device)
             train_ms += 1000 * (time.perf_counter() - t0)
             step += 1
             tokens_seen += args.batch_size * (windows.size(1) - 1)
-            train_loss = loss_sum / world_size
-            phase = "tst" if s > 1 else "ntp"
+            stopping = stop_votes > 0
+            train_loss, phase = loss_sum / world_size, "tst" if s > 1 else "ntp"
             if not math.isfinite(train_loss):
                 raise Diverged(f"non-finite train loss {train_loss} at step {step} (phase {phase}, s={s});"
                                f" last good checkpoint: {last_ckpt or 'none'}")
+
+            # --- log
             if step % args.log_every == 0 or step == args.steps:
                 mfu = f" mfu:{100 * flops_per_step / world_size / (train_ms / step * 1e-3) / (args.peak_tflops * 1e12):.1f}%" if cuda else ""
                 eta = train_ms / step * (args.steps - step) / 1000
-                log.line(f"step:{step}/{args.steps} train_loss:{train_loss:.4f} phase:{phase} s:{s} {stats()}{mfu}",
+                log.line(f"step:{step}/{args.steps} train_loss:{train_loss:.4f} phase:{phase} s:{s} {clock(step, train_ms, tokens_seen)}{mfu}",
                          console_extra=f" eta:{eta // 60:.0f}m{eta % 60:02.0f}s" if eta > 60 else "")
-            if step == args.steps or (args.val_every and step % args.val_every == 0):
-                val_loss = validate()
-                if args.target_val_loss is not None and val_loss <= args.target_val_loss and reached is None:
-                    reached = (step, train_ms)
-            next_s = bag_size_at(step, args.phases)
-            if step < args.steps and next_s != s:
-                last_ckpt = checkpoint(f"phase switch s:{s}->{next_s}")
-            elif step == args.steps or reached or stopping or (args.save_every and step % args.save_every == 0):
-                last_ckpt = checkpoint("end" if step == args.steps or reached else "interrupted" if stopping else "periodic")
-            if reached:
-                break
-            if stopping:
-                signum = stop_signals[0] if stop_signals else signal.SIGTERM
-                log.close(f"interrupted: {signal.Signals(signum).name} at step:{step}/{args.steps} {stats()};"
-                          f" continue with the same command and --resume {last_ckpt}")
-                return 128 + signum
         target = "none" if args.target_val_loss is None else (
             f"reached {args.target_val_loss} at step:{reached[0]} train_time:{reached[1]:.0f}ms" if reached
             else f"{args.target_val_loss} not reached")
-        log.close(f"done: step:{step}/{args.steps} val_loss:{val_loss:.4f} {stats()} target:{target}")
+        log.close(f"done: step:{step}/{args.steps} val_loss:{val_loss:.4f} {clock(step, train_ms, tokens_seen)} target:{target}{peak_memory(device)}")
         return 0
     except BaseException as e:
         log.close(f"failed: step:{step}/{args.steps} {type(e).__name__}: {e}")
@@ -821,6 +905,18 @@ def train(args):
 
 # -----------------------------------------------------------------------------------------------------
 # Logging: logs/<run_id>.txt is the record log, self-contained evidence of the run
+
+def device_lines(device, world_size):
+    """The header's hardware lines: the device, and on CUDA the output of nvidia-smi (noted, not fatal, when missing)."""
+    if device.type != "cuda":
+        return [f"device cpu x{world_size}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"]
+    lines = [f"device cuda x{world_size}: {torch.cuda.get_device_name(device)}"]
+    try:
+        lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60).stdout)
+    except (OSError, subprocess.SubprocessError) as e:
+        lines.append(f"nvidia-smi: not available ({type(e).__name__}: {e})")
+    return lines
+
 
 class RunLog:
     """Rank 0 writes the source, the environment, the hyperparameters (one JSON line), then a line per
@@ -843,11 +939,7 @@ class RunLog:
         if not self.master:
             return
         self.file.write(CODE + "\n" + "=" * 100 + "\n")
-        env = [f"python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}",
-               f"device {device.type} x{world_size}: " + (torch.cuda.get_device_name(device) if device.type == "cuda"
-                                                         else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")]
-        if device.type == "cuda":
-            env.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
+        env = [f"python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}"] + device_lines(device, world_size)
         self.file.write("\n".join(env) + "\n" + json.dumps(run_settings(args)) + "\n")
         print(f"logging to {self.path}", flush=True)
 

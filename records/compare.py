@@ -3,6 +3,7 @@
     python records/compare.py records/cpu/2026-11-22_400steps/            # every log in a folder
     python records/compare.py base.txt tst.txt --target 3.28 --plot curves.png
     python records/compare.py records/cpu/2026-11-23_crossover/ --crossover --plot map.png   # speedup vs budget
+    python records/compare.py logs/gpt2_seed0.txt --reference 03eada03-f26a-42ae-bc7c-795b449472c4.txt   # is my baseline right?
 
 The baseline is the first argument's run (or every run of --baseline's configuration, averaged over
 seeds). Speedup at iso-loss: take the loss L that both runs reach (the worse of their final val losses);
@@ -23,6 +24,9 @@ import numpy as np
 SEPARATOR = "=" * 100
 VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms tokens:(\d+)$")
 SWITCH_LINE = re.compile(r"checkpoint: step:(\d+) phase switch")
+# modded-nanogpt's track-3 logs (train_gpt_simple.py): "step:125/3600 val_loss:4.61126 train_time:22.160s step_avg:177.28ms"
+REFERENCE_VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\S+) train_time:([\d.]+)s step_avg:\S+ms")
+TRACK3_NOISE = 0.0013  # the track-3 README's run-to-run standard deviation of the final val loss near 3.28
 NOT_A_CONFIG = {"seed", "run_id", "log_dir", "resume", "save_every", "log_every", "compile", "target_val_loss",
                 "train_files", "val_files", "micro_batch_size", "peak_tflops"}
 HAS_A_COLUMN = {"tst_s", "tst_r", "tst_schedule", "tst_mode", "steps"}
@@ -51,6 +55,49 @@ def parse_log(path):
     ending = lines[-1] if lines and lines[-1].split(":")[0] in ("done", "interrupted", "failed") else "unfinished"
     return dict(path=path, name=os.path.splitext(os.path.basename(path))[0], settings=settings, vals=vals,
                 switches=[int(m[1]) for m in map(SWITCH_LINE.match, lines) if m], ending=ending)
+
+
+def parse_reference(path):
+    """The val curves of a modded-nanogpt track-3 record log: its source, a line of 100 '=', then lines such as
+    `step:125/3600 val_loss:4.61126 train_time:22.160s step_avg:177.28ms`; a log of several trials starts over at
+    step 0 for each. Returns [[(step, loss), ...] for each trial]."""
+    trials = []
+    with open(path, errors="replace") as f:
+        for m in map(REFERENCE_VAL_LINE.search, f):
+            if m and (int(m[1]) == 0 or not trials):
+                trials.append([])
+            if m:
+                trials[-1].append((int(m[1]), float(m[3])))
+    if not trials:
+        raise NotARecord(f"{path}: no track-3 validation line (step:N/M val_loss:X train_time:Ys step_avg:Zms)")
+    return trials
+
+
+def reference_check(runs, trials, noise=TRACK3_NOISE):
+    """At each validation step of the reference that our runs share: both val losses (means over our runs and over the
+    reference's trials), the difference, and whether it is within 3 standard deviations of the difference of two
+    means. The standard deviation of one run is the spread of the reference's trials at that step where it has 3 or
+    more, else `noise` (a figure measured near the end of training: earlier steps vary more)."""
+    theirs, ours = {}, {}
+    for trial in trials:
+        for step, loss in trial:
+            theirs.setdefault(step, []).append(loss)
+    for run in runs:
+        for step, loss, _, _ in run["vals"]:
+            ours.setdefault(step, []).append(loss)
+    rows = []
+    for step in sorted(theirs.keys() & ours.keys()):
+        ref, mine = theirs[step], ours[step]
+        sigma, source = (float(np.std(ref, ddof=1)), f"{len(ref)} trials") if len(ref) >= 3 else (noise, "track-3 README")
+        tolerance = 3 * sigma * math.sqrt(1 / len(ref) + 1 / len(mine))
+        diff = float(np.mean(mine) - np.mean(ref))
+        rows.append(dict(step=step, ref=f"{np.mean(ref):.4f}", ours=f"{np.mean(mine):.4f}", diff=f"{diff:+.4f}",
+                         sigma=f"{sigma:.4f} ({source})", within="yes" if abs(diff) <= tolerance else f"no (3σ: {tolerance:.4f})"))
+    return rows
+
+
+REFERENCE_COLUMNS = [("step", "step"), ("ref", "reference val loss"), ("ours", "this run"), ("diff", "difference"),
+                     ("sigma", "σ of one run"), ("within", "within 3σ")]
 
 
 def config(run):
@@ -306,6 +353,10 @@ def main(argv=None):
     p.add_argument("--crossover", action="store_true",
                    help="pair each TST run with the baseline of its seed and budget: a row per testbed, TST setting and budget")
     p.add_argument("--include_unfinished", action="store_true", help="also pool runs whose log has no 'done:' line")
+    p.add_argument("--reference", default=None, nargs="+",
+                   help="modded-nanogpt track-3 record log(s): our runs' val loss against theirs at each of their validation steps")
+    p.add_argument("--noise", type=float, default=TRACK3_NOISE,
+                   help="run-to-run standard deviation of one reference run, where its log has fewer than 3 trials")
     args = p.parse_args(argv)
     paths = []
     for item in args.logs:
@@ -314,6 +365,7 @@ def main(argv=None):
     try:
         runs = [parse_log(path) for path in paths]
         baseline = parse_log(args.baseline) if args.baseline else runs[0]
+        trials = [t for path in args.reference or [] for t in parse_reference(path)]
     except (NotARecord, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -324,6 +376,14 @@ def main(argv=None):
     if not runs:
         print("error: no finished record logs given", file=sys.stderr)
         return 2
+    if trials:
+        rows = reference_check(runs, trials, args.noise)
+        if not rows:
+            print("error: our runs share no validation step with the reference", file=sys.stderr)
+            return 2
+        print(markdown_table(rows, REFERENCE_COLUMNS))
+        print(f"{sum(r['within'] == 'yes' for r in rows)} of {len(rows)} validation steps within 3σ of the reference")
+        return 0
     if args.crossover:
         points = crossover(runs)
         if not points:
