@@ -1295,3 +1295,35 @@ def test_reference_check_reads_the_track3_format_and_flags_what_is_outside_the_n
     assert "| 3600 | 3.2757 | 3.2790 | +0.0033 | 0.0020 (3 trials) | yes |" in capsys.readouterr().out  # 3σ√(1/3+1) = 0.0069
     assert compare.main([ours, "--reference", ours]) == 2
     assert "no track-3 validation line" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# data/debian_corpus.py: the CPU corpus from Debian documentation
+
+import debian_corpus  # noqa: E402
+
+
+def test_debian_corpus_keeps_what_a_reader_sees_of_an_html_page():
+    page = """<html><head><title>T</title><script>var x = 1;</script></head><body>
+    <div class="navheader"><p>Prev <p>Next</div>
+    <nav><ul><li>Home<li>Index</ul></nav>
+    <div class="sidebar"><div class="toc"><p>Contents</div></div>
+    <h1>Chapter 7. Queries</h1><p>A <b>query</b> &amp; its plan.<br>Second line.
+    <style>p { color: red }</style><div class="footer">(c) 2023</div><p>Last words.</body></html>"""
+    assert debian_corpus.html_to_text(page) == "Chapter 7. Queries\nA query & its plan.\nSecond line.\nLast words."
+
+
+def test_debian_corpus_holds_out_whole_documents_for_val(tmp_path):
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    docs = [dict(package="p", path=f"d{i}", text=" ".join(words[i % 10:] + words[:i % 10]) * (20 + i)) for i in range(30)]
+    val_docs, written = debian_corpus.write_corpus(docs, str(tmp_path / "out"), "deb", 2000, 10**6, str(tmp_path / "work"), seed=1)
+    enc = prepare.gpt2_encoding()
+
+    def documents(path):
+        return [enc.decode(list(d)) for d in np.split(np.asarray(T.read_shard(path)), np.where(T.read_shard(path) == prepare.EOT)[0])[1:]]
+
+    val, train = documents(written[0][0]), documents(written[1][0])
+    assert written[0][1] >= 2000 and len(val) == val_docs and len(val) + len(train) == 30
+    texts = {d["text"] for d in docs}
+    assert {t[len("<|endoftext|>"):] for t in val} <= texts and {t[len("<|endoftext|>"):] for t in train} <= texts
+    assert not set(val) & set(train)

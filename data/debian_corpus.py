@@ -153,6 +153,23 @@ def collect(work):
     return docs, counts
 
 
+def write_corpus(docs, out, name, val_tokens, shard_tokens, work, seed):
+    """Shuffle the documents, give whole ones to val until it holds val_tokens, and write the shards."""
+    docs = list(docs)
+    random.Random(seed).shuffle(docs)
+    val_count = val_docs = 0
+    while val_count < val_tokens and val_docs < len(docs):
+        val_count += len(prepare.tokenize(docs[val_docs]["text"]))
+        val_docs += 1
+    os.makedirs(work, exist_ok=True)
+    inputs = []
+    for split, part in (("val", docs[:val_docs]), ("train", docs[val_docs:])):
+        inputs.append(os.path.join(work, f"{name}_{split}.jsonl"))
+        with open(inputs[-1], "w") as f:
+            f.writelines(json.dumps(d) + "\n" for d in part)
+    return val_docs, prepare.prepare(inputs, out, name, val_count, shard_tokens)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "debian"))
@@ -164,24 +181,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         docs, counts = collect(args.work)
-        random.Random(args.seed).shuffle(docs)
-        val_count = val_docs = 0
-        while val_count < args.val_tokens:
-            val_count += len(prepare.tokenize(docs[val_docs]["text"]))
-            val_docs += 1
-        os.makedirs(args.work, exist_ok=True)
-        inputs = []
-        for split, part in (("val", docs[:val_docs]), ("train", docs[val_docs:])):
-            inputs.append(os.path.join(args.work, f"{args.name}_{split}.jsonl"))
-            with open(inputs[-1], "w") as f:
-                f.writelines(json.dumps(d) + "\n" for d in part)
-        written = prepare.prepare(inputs, args.out, args.name, val_count, args.shard_tokens)
+        val_docs, written = write_corpus(docs, args.out, args.name, args.val_tokens, args.shard_tokens, args.work, args.seed)
     except (UsageError, OSError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, (version, n_docs, n_chars) in counts.items():
         print(f"{name}={version}: {n_docs} documents, {n_chars:,} characters")
-    print(f"{len(docs)} documents: {val_docs} in val ({val_count:,} tokens), the rest in train")
+    print(f"{len(docs)} documents: {val_docs} in val ({written[0][1]:,} tokens), the rest in train")
     for path, n in written:
         print(f"{path}: {n:,} tokens")
     return 0
