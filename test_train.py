@@ -1327,3 +1327,21 @@ def test_debian_corpus_holds_out_whole_documents_for_val(tmp_path):
     texts = {d["text"] for d in docs}
     assert {t[len("<|endoftext|>"):] for t in val} <= texts and {t[len("<|endoftext|>"):] for t in train} <= texts
     assert not set(val) & set(train)
+
+
+def test_gap_fit_recovers_a_known_plane_and_its_zero_crossing(tmp_path, capsys):
+    a, b, c = 0.5, 0.01, -0.08  # gap = a + b ln N + c ln S
+    points = [dict(testbed=f"{n}x", size=size, steps=steps, gap=[a + b * math.log(size) + c * math.log(steps) + noise])
+              for n, (size, steps, noise) in enumerate([(1e6, 100, 0.0), (1e6, 400, 0.001), (1e6, 1600, -0.001),
+                                                         (5e6, 400, 0.0), (5e6, 1600, 0.0005), (2e7, 800, -0.0005)])]
+    fit = compare.fit_gap(points)
+    assert fit["terms"] == ["a", "b", "c"] and fit["dof"] == 3
+    assert [fit["coef"][t] for t in "abc"] == pytest.approx([a, b, c], abs=0.01)
+    steps, low, high = compare.zero_crossing_steps(fit, 1e6)
+    assert steps == pytest.approx(math.exp(-(a + b * math.log(1e6)) / c), rel=0.05) and low < steps < high
+    one_size = compare.fit_gap([p for p in points if p["size"] == 1e6])
+    assert one_size["terms"] == ["a", "c"]  # a single size: no size term
+    flat = compare.fit_gap([dict(p, gap=[0.1 + 0.001 * math.log(p["steps"])]) for p in points])
+    assert compare.zero_crossing_steps(flat, 1e6) is None  # a gap growing with the budget never crosses
+    lines = compare.fit_lines(fit, points[:1])
+    assert lines[0].startswith("fit over 1 points: gap = a + b ln N + c ln S") and "crosses zero at" in lines[1]

@@ -3,6 +3,7 @@
     python records/compare.py records/cpu/2026-11-22_400steps/            # every log in a folder
     python records/compare.py base.txt tst.txt --target 3.28 --plot curves.png
     python records/compare.py records/cpu/2026-11-23_crossover/ --crossover --plot map.png   # speedup vs budget
+    python records/compare.py records/cpu/2026-11-24_size/ --crossover --fit --plot map.png   # gap fitted by size, budget
     python records/compare.py logs/gpt2_seed0.txt --reference 03eada03-f26a-42ae-bc7c-795b449472c4.txt   # is my baseline right?
 
 The baseline is the first argument's run (or every run of --baseline's configuration, averaged over
@@ -256,7 +257,8 @@ def crossover(runs):
         mtp = group[0][1]["settings"].get("mtp_k", 1)
         base_val, tst_val = [base["vals"][-1][1] for base, _ in group], [run["vals"][-1][1] for _, run in group]
         gaps = [t - b for b, t in zip(base_val, tst_val)]
-        points.append(dict(testbed=names[bed], steps=steps, seeds=len(group),
+        shape = group[0][1]["settings"]
+        points.append(dict(testbed=names[bed], steps=steps, seeds=len(group), size=12 * shape["n_layer"] * shape["n_embd"] ** 2,
                            tst=f"{d['schedule']}" + (f" {d['mode']}" if d["mode"] != "full" else "")
                            + (f" mtp_k={mtp}" if mtp > 1 else ""),
                            base_val=base_val, tst_val=tst_val, gap=gaps, p_ahead=p_value_under(gaps, 0.0),
@@ -269,6 +271,60 @@ CROSSOVER_COLUMNS = [("testbed", "testbed"), ("tst", "TST s:r"), ("steps", "step
                      ("base_val", "baseline val loss"), ("tst_val", "TST val loss"), ("gap", "gap (TST - baseline)"),
                      ("p_ahead", "p(TST ahead)"), ("step_speedup", "speedup at iso-loss (steps)"),
                      ("speedup", "(time)")]
+
+
+# Public TST results at small scale, beside ours on the map: (label, blocks' parameters, steps, final-loss gap)
+PUBLIC_POINTS = [("100M replication, 12 x 512, WSD, Muon-family", 12 * 12 * 512 ** 2, 3000, -0.073),
+                 ("paper, 270M, WSD, AdamW", None, 20000, -0.067)]
+
+
+def fit_gap(points):
+    """Least squares over the map's points (each point's mean gap): gap = a + b ln N + c ln S, with N the blocks'
+    parameters (12 x layers x width^2) and S the step budget; a term whose variable takes a single value is left out.
+    A plane in log size and log budget is the simplest form that lets the gap change sign: the measured gaps shrink
+    about linearly in log budget, and scaling-law differences are linear in log N over small ranges.
+    Returns {term: (coefficient, standard error)}, the covariance, and the residual standard deviation."""
+    terms = ["a"] + [name for name, key in (("b", "size"), ("c", "steps")) if len({p[key] for p in points}) > 1]
+    columns = {"a": lambda p: 1.0, "b": lambda p: math.log(p["size"]), "c": lambda p: math.log(p["steps"])}
+    X = np.array([[columns[t](p) for t in terms] for p in points])
+    y = np.array([float(np.mean(p["gap"])) for p in points])
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    dof = len(y) - len(terms)
+    sigma = float(np.sqrt(np.sum((y - X @ coef) ** 2) / dof)) if dof > 0 else math.nan
+    cov = sigma ** 2 * np.linalg.pinv(X.T @ X)
+    return dict(terms=terms, coef=dict(zip(terms, coef)), se=dict(zip(terms, np.sqrt(np.diag(cov)))), cov=cov, sigma=sigma, dof=dof)
+
+
+def fitted_gap(fit, size, steps):
+    c = fit["coef"]
+    return c["a"] + c.get("b", 0.0) * math.log(size) + c.get("c", 0.0) * math.log(steps)
+
+
+def zero_crossing_steps(fit, size):
+    """The budget S at which the fitted gap of a model of `size` is 0, with a one-standard-error range (delta method
+    in log S), or None where the fit has no budget term or the gap does not shrink with the budget."""
+    c = fit["coef"]
+    if "c" not in c or c["c"] >= 0:
+        return None
+    log_s = -(c["a"] + c.get("b", 0.0) * math.log(size)) / c["c"]
+    grad = {"a": -1 / c["c"], "b": -math.log(size) / c["c"], "c": -log_s / c["c"]}
+    g = np.array([grad[t] for t in fit["terms"]])
+    se = float(np.sqrt(g @ fit["cov"] @ g))
+    return math.exp(log_s), math.exp(log_s - se), math.exp(log_s + se)
+
+
+def fit_lines(fit, points):
+    names = {"a": "a", "b": "b ln N", "c": "c ln S"}
+    out = [f"fit over {len(points)} points: gap = " + " + ".join(names[t] for t in fit["terms"])
+           + " (N: the blocks' parameters, 12 x layers x width^2; S: steps); "
+           + ", ".join(f"{t} = {fit['coef'][t]:+.4f} ± {fit['se'][t]:.4f}" for t in fit["terms"])
+           + f"; residual sd {fit['sigma']:.4f} ({fit['dof']} degrees of freedom)"]
+    for testbed, size in dict.fromkeys((p["testbed"], p["size"]) for p in points):
+        crossing = zero_crossing_steps(fit, size)
+        where = "no crossing (the fitted gap does not shrink with the budget)" if crossing is None else \
+            f"crosses zero at {crossing[0]:,.0f} steps (one standard error: {crossing[1]:,.0f} to {crossing[2]:,.0f})"
+        out.append(f"{testbed} (N = {size / 1e6:.2f}M): {where}")
+    return out
 
 
 def crossover_rows(points):
@@ -315,9 +371,10 @@ def plot(runs, path):
     fig.savefig(path, dpi=110)
 
 
-def plot_crossover(points, path):
+def plot_crossover(points, path, fit=None):
     """Speedup at iso-loss (steps) and the paired val-loss gap against the step budget: a line per testbed and TST
-    configuration, seed means with one standard deviation as bars."""
+    configuration, seed means with one standard deviation as bars; with a fit, its line per testbed (dashed, out to
+    the public points' budgets) and the public points on the gap panel."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     lines = list(dict.fromkeys((p["testbed"], p["tst"]) for p in points))
@@ -330,6 +387,15 @@ def plot_crossover(points, path):
             ax.errorbar(steps, [np.mean(v) if v else math.nan for v in values], yerr=spread, color=f"C{i % 10}",
                         marker="o", capsize=3, label=f"{line[0]}, TST {line[1]}")
     budgets = sorted({p["steps"] for p in points})
+    if fit is not None:
+        budgets = sorted(set(budgets) | {steps for _, _, steps, _ in PUBLIC_POINTS})
+        span = np.geomspace(budgets[0], budgets[-1], 50)
+        for i, (testbed, size) in enumerate(dict.fromkeys((p["testbed"], p["size"]) for p in points)):
+            axes[1].plot(span, [fitted_gap(fit, size, s) for s in span], color=f"C{i % 10}", linestyle="--", alpha=0.7,
+                         label=f"fit, {testbed}")
+        for j, (label, _, steps, gap) in enumerate(PUBLIC_POINTS):
+            axes[1].plot(steps, gap, marker="*", markersize=12, linestyle="none", color=f"C{(j + 6) % 10}", label=label)
+        axes[1].legend(fontsize=7)
     for ax, label, even in zip(axes, ("speedup at iso-loss (steps)", "final val loss, TST - baseline"), (1, 0)):
         ax.axhline(even, color="k", linewidth=0.8)
         ax.set_xscale("log", base=2)
@@ -352,6 +418,7 @@ def main(argv=None):
     p.add_argument("--plot", default=None, help="write val loss curves (with --crossover: the map) to this PNG")
     p.add_argument("--crossover", action="store_true",
                    help="pair each TST run with the baseline of its seed and budget: a row per testbed, TST setting and budget")
+    p.add_argument("--fit", action="store_true", help="with --crossover: fit the gap in log size and log budget, and where it crosses zero")
     p.add_argument("--include_unfinished", action="store_true", help="also pool runs whose log has no 'done:' line")
     p.add_argument("--reference", default=None, nargs="+",
                    help="modded-nanogpt track-3 record log(s): our runs' val loss against theirs at each of their validation steps")
@@ -390,8 +457,11 @@ def main(argv=None):
             print("error: no TST run has a baseline run of the same testbed, budget and seed", file=sys.stderr)
             return 2
         print(markdown_table(crossover_rows(points), CROSSOVER_COLUMNS))
+        fit = fit_gap(points) if args.fit else None
+        if fit:
+            print("\n".join(fit_lines(fit, points)))
         if args.plot:
-            plot_crossover(points, args.plot)
+            plot_crossover(points, args.plot, fit)
             print(f"plot: {args.plot}")
         return 0
     if args.baseline and config_key(baseline) not in {config_key(r) for r in runs}:
