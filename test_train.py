@@ -453,6 +453,8 @@ def test_compiled_smoke_step(shards, tmp_path):
     assert T.main(args) == 0
     rows = train_rows(log_lines(tmp_path))
     assert [r[3] for r in rows] == [2, 1] and all(math.isfinite(r[1]) for r in rows)
+    # a recompile past the graphs the run needs (2 bag sizes and validation) fails loudly instead of running eager
+    assert torch._dynamo.config.fail_on_recompile_limit_hit and torch._dynamo.config.recompile_limit == 2 * (2 + 2)
 
 
 @pytest.mark.skipif(not os.environ.get("TST_SLOW"), reason="4-7 minutes on 2 cores: TST_SLOW=1 runs it (README, checks)")
