@@ -1347,3 +1347,144 @@ def test_gap_fit_recovers_a_known_plane_and_its_zero_crossing(tmp_path, capsys):
     assert compare.zero_crossing_steps(flat, 1e6) is None  # a gap growing with the budget never crosses
     lines = compare.fit_lines(fit, points[:1])
     assert lines[0].startswith("fit over 1 points: gap = a + b ln N + c ln S") and "crosses zero at" in lines[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Beyond val loss: HellaSwag, samples, exported models
+
+import hellaswag  # noqa: E402
+
+HELLASWAG_ITEMS = [  # the hub's schema; made-up text
+    dict(ind=24, activity_label="Roof shingle removal", ctx_a="A man is sitting on a roof.", ctx_b="he",
+         ctx="A man is sitting on a roof. he", endings=["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                                                       "is holding a rubik's cube.", "starts pulling up roofing on a roof."],
+         source_id="activitynet~v_-JhWjGDPHMY", split="val", split_type="indomain", label="3"),
+    dict(ind=92, activity_label="Clean and jerk", ctx_a="A lady walks to a barbell.", ctx_b="she",
+         ctx="A lady walks to a barbell. she", endings=["swings and lands in her arms.", "pulls the barbell forward.",
+                                                      "pulls a rope attached to the barbell.", "stands and lifts the weight over her head."],
+         source_id="activitynet~v_-lJS58hyo1c", split="val", split_type="zeroshot", label="3"),
+    dict(ind=106, activity_label="Canoeing", ctx_a="Two women in a child are shown in a canoe while a man pulls the canoe.",
+         ctx_b="they", ctx="Two women in a child are shown in a canoe while a man pulls the canoe. they",
+         endings=["sit in a canoe while the man paddles.", "walking the dog.", "are then shown paddling down a river.",
+                  "all the while smiling."], source_id="activitynet~v_-xQvJmC2jhk", split="val", split_type="indomain", label="2"),
+]
+
+
+class FakeHellaSwagHub:
+    """Stands in for hf_hub_download: writes the validation parquet file with the items above."""
+
+    def __init__(self, offline=False):
+        self.calls, self.offline = [], offline
+
+    def __call__(self, repo_id, filename, repo_type, revision, local_dir):
+        self.calls.append((repo_id, filename, repo_type, revision))
+        if self.offline:
+            from huggingface_hub.errors import LocalEntryNotFoundError
+            raise LocalEntryNotFoundError("Cannot reach huggingface.co: offline")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        path = os.path.join(local_dir, filename)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(HELLASWAG_ITEMS), path)
+        return path
+
+
+def test_hellaswag_is_fetched_once_from_the_hub_and_read_in_its_schema(tmp_path, monkeypatch, capsys):
+    hub = FakeHellaSwagHub()
+    monkeypatch.setattr(hellaswag, "hf_hub_download", hub)
+    items = hellaswag.load_items(2, str(tmp_path))
+    assert items == [(d["ctx"], d["endings"], int(d["label"])) for d in HELLASWAG_ITEMS[:2]]
+    assert hub.calls == [("Rowan/hellaswag", "default/validation/0000.parquet", "dataset", "refs/convert/parquet")]
+    assert len(hellaswag.load_items(3, str(tmp_path))) == 3 and len(hub.calls) == 1  # cached: no second download
+    with pytest.raises(T.UsageError, match="--hellaswag 4: the validation split has 3 items"):
+        hellaswag.load_items(4, str(tmp_path))
+    monkeypatch.setattr(hellaswag, "hf_hub_download", FakeHellaSwagHub(offline=True))
+    with pytest.raises(T.UsageError, match=r"could not download HellaSwag .*LocalEntryNotFoundError.*python data/hellaswag.py once online"):
+        hellaswag.load_items(1, str(tmp_path / "elsewhere"))
+
+
+class Rigged(torch.nn.Module):
+    """A 'model' whose next-token logits favour a fixed set of tokens everywhere."""
+
+    def __init__(self, favoured):
+        super().__init__()
+        self.max_len, self.favoured = 1024, sorted(favoured)
+
+    def logits(self, tokens):
+        z = torch.full((*tokens.shape, 50304), -10.0)
+        z[..., self.favoured] = 10.0
+        return z
+
+
+def test_hellaswag_scores_a_model_rigged_for_the_right_endings_1_and_against_them_0():
+    enc = T.gpt2_encoding()
+    items = [(d["ctx"], d["endings"], int(d["label"])) for d in HELLASWAG_ITEMS]
+    tokens = lambda keep: {t for c, e, label in items for i, x in enumerate(e) if keep(i, label) for t in enc.encode(" " + x)}
+    right, wrong = tokens(lambda i, label: i == label), tokens(lambda i, label: i != label)
+    assert T.hellaswag_counts(Rigged(right - wrong), items, enc, torch.device("cpu")) == (3, 3)
+    assert T.hellaswag_counts(Rigged(wrong - right), items, enc, torch.device("cpu")) == (0, 0)
+
+
+def test_hellaswag_padding_and_masking_match_a_row_by_row_loop():
+    torch.manual_seed(0)
+    model, enc = T.GPT(50304, 2, 64, 1, 128, torch.float32), T.gpt2_encoding()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)  # not the zero-initialised head: endings must score differently
+    items = [(d["ctx"], d["endings"], int(d["label"])) for d in HELLASWAG_ITEMS]
+    summed, counts = T.ending_losses(model, items, enc, torch.device("cpu"))
+    for i, (context, endings, _) in enumerate(items):
+        for j, ending in enumerate(endings):
+            c, e = enc.encode(context), enc.encode(" " + ending)
+            row = torch.tensor([c + e])
+            losses = F.cross_entropy(model.logits(row[:, :-1])[0], row[0, 1:], reduction="none")[len(c) - 1:]
+            assert counts[i, j] == len(e) and summed[i, j].item() == pytest.approx(losses.sum().item(), rel=1e-5)
+
+
+def test_generation_follows_the_training_forward_pass():
+    torch.manual_seed(0)
+    model = T.GPT(VOCAB, 2, 32, 2, 16, torch.float32)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    tokens = torch.randint(VOCAB, (1, 12))
+    full = model.logits(tokens)
+    for k in range(1, 13):
+        assert torch.allclose(T.next_token_logits(model, tokens[:, :k]), full[:, k - 1], atol=1e-5)
+    loss = model(tokens[:, :-1], tokens[:, 1:])  # the training loss is the cross-entropy of these distributions
+    assert loss.item() == pytest.approx(F.cross_entropy(full[0, :-1], tokens[0, 1:]).item(), rel=1e-5)
+    greedy = T.generate(model, [1, 2, 3], 5, 1e-4, 1, seed=0, device=torch.device("cpu"))  # top-1 is argmax
+    seq = [1, 2, 3]
+    for _ in range(5):
+        seq.append(int(T.next_token_logits(model, torch.tensor([seq])).argmax()))
+    assert greedy == seq[3:]
+
+
+def test_a_run_samples_exports_and_the_export_samples_the_same_without_training_state(shards, tmp_path, capsys):
+    flags = ["--sample_tokens", "12", "--sample_prompt", "A", "--temperature", "1.0"]
+    assert T.main(tiny(shards, tmp_path, *flags, steps=4)) == 0
+    sample = next(l for l in log_lines(tmp_path) if l.startswith("sample: "))
+    text = json.loads(sample[len("sample: "):])
+    assert isinstance(text, str) and text.startswith("A") and len(text) > 1
+    assert T.main(tiny(shards, tmp_path, *flags, "--run_id", "again", steps=4)) == 0
+    assert sample in log_lines(tmp_path, "again")  # deterministic under the seed
+    exported = torch.load(tmp_path / "logs" / "run" / "model.pt", weights_only=True)
+    assert set(exported) == {"config", "dtype", "model"}  # weights and shape, no optimizer or loader state
+    capsys.readouterr()
+    for model in (tmp_path / "logs" / "run" / "model.pt", tmp_path / "logs" / "run" / "step_000004.pt"):
+        assert T.main(["--eval_only", str(model), "--device", "cpu", *flags]) == 0
+        assert capsys.readouterr().out.strip() == sample
+    assert T.main(["--eval_only", str(tmp_path / "none.pt")]) == 2
+
+
+def test_a_run_scores_hellaswag_into_its_record_log_and_compare_shows_it(shards, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(hellaswag, "hf_hub_download", FakeHellaSwagHub())
+    monkeypatch.setattr(hellaswag, "DIR", str(tmp_path / "hellaswag"))
+    assert T.main(tiny(shards, tmp_path, "--hellaswag", "3", "--vocab_size", "50304", steps=2)) == 0
+    line = next(l for l in log_lines(tmp_path) if l.startswith("hellaswag: "))
+    assert re.fullmatch(r"hellaswag: acc_norm (0|0\.3333|0\.6667|1)\.?\d* acc \S+ \(3 items\)", line)
+    capsys.readouterr()
+    assert compare.main([str(tmp_path / "logs" / "run.txt")]) == 0
+    assert f"| {line.split()[2]} (3 items) |" in capsys.readouterr().out
+    monkeypatch.setattr(hellaswag, "DIR", str(tmp_path / "offline"))
+    monkeypatch.setattr(hellaswag, "hf_hub_download", FakeHellaSwagHub(offline=True))
+    run_expecting_error(tiny(shards, tmp_path, "--hellaswag", "3", "--run_id", "off"), capsys, "could not download HellaSwag")
+    assert not os.path.exists(tmp_path / "logs" / "off.txt")  # found before any work

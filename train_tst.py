@@ -120,6 +120,14 @@ def build_parser():
     g.add_argument("--save_every", type=int, default=0, help="checkpoint every K steps (0: only at phase switches and the end)")
     g.add_argument("--resume", default=None, help="checkpoint to continue from (same flags otherwise)")
     g.add_argument("--peak_tflops", type=float, default=989.0, help="accelerator bf16 peak for MFU (H100 SXM: 989)")
+    g = p.add_argument_group("beyond val loss: HellaSwag and samples of the final model")
+    g.add_argument("--hellaswag", type=int, default=0, help="score the first N HellaSwag validation items (10042: all; 0: off)")
+    g.add_argument("--sample_tokens", type=int, default=0, help="write a sample of N tokens into the record log (0: off)")
+    g.add_argument("--sample_prompt", default="The meaning of life is")
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens (0: all)")
+    g.add_argument("--eval_only", default=None, metavar="MODEL",
+                   help="no training: score and sample a checkpoint or an exported model.pt with the flags above")
     return p
 
 
@@ -156,11 +164,11 @@ def parse_args(argv=None, world_size=None):
     if args.tst_s < 1:
         raise UsageError(f"--tst_s must be at least 1, got {args.tst_s}")
     positive = ["n_layer", "n_embd", "n_head", "steps", "batch_size", "micro_batch_size", "val_tokens",
-                "log_every", "mtp_k", "lr", "embed_lr", "head_lr", "scalar_lr", "peak_tflops"]
+                "log_every", "mtp_k", "lr", "embed_lr", "head_lr", "scalar_lr", "peak_tflops", "temperature"]
     for key in positive:
         if getattr(args, key) <= 0:
             raise UsageError(f"--{key} must be positive, got {getattr(args, key)}")
-    for key in ["warmup_steps", "val_every", "save_every", "weight_decay"]:
+    for key in ["warmup_steps", "val_every", "save_every", "weight_decay", "hellaswag", "sample_tokens", "top_k"]:
         if getattr(args, key) < 0:
             raise UsageError(f"--{key} must not be negative, got {getattr(args, key)}")
     if not 0 <= args.cooldown_frac <= 1:
@@ -432,6 +440,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, vocab_size, n_layer, n_embd, n_head, max_len, dtype=torch.bfloat16):
         super().__init__()
+        self.max_len = max_len
         self.wte = nn.Embedding(vocab_size, n_embd).to(dtype)  # N(0, 1); its dtype is the activations' dtype
         self.embed_norm = RMSNorm(n_embd)
         self.blocks = nn.ModuleList([Block(n_embd, n_head, max_len) for _ in range(n_layer)])
@@ -740,6 +749,7 @@ def run_settings(args):
 
 
 RESUMABLE_ANYWAY = {"resume", "run_id", "log_dir", "save_every", "val_every", "log_every", "compile", "device", "allow_repeat",
+                    "hellaswag", "sample_tokens", "sample_prompt", "temperature", "top_k", "eval_only",
                     "target_val_loss", "micro_batch_size", "train_files", "val_files", "peak_tflops", "preset"}
 
 
@@ -789,6 +799,7 @@ def train(args):
     data_line = data_summary(loader, args)
     val_windows = load_val_windows(args.val_files, args.val_tokens, args.seq_len, rank, world_size, args.vocab_size)
     resume_state = load_checkpoint(args.resume, args) if args.resume else None
+    hellaswag_items = load_hellaswag(args.hellaswag) if args.hellaswag else []
 
     dtype = dict(bf16=torch.bfloat16, fp32=torch.float32)[args.dtype]
     raw_model = GPT(args.vocab_size, args.n_layer, args.n_embd, args.n_head, args.seq_len, dtype).to(device)
@@ -886,6 +897,10 @@ def train(args):
                 eta = train_ms / step * (args.steps - step) / 1000
                 log.line(f"step:{step}/{args.steps} train_loss:{train_loss:.4f} phase:{phase} s:{s} {clock(step, train_ms, tokens_seen)}{mfu}",
                          console_extra=f" eta:{eta // 60:.0f}m{eta % 60:02.0f}s" if eta > 60 else "")
+        if master:
+            export_model(raw_model, args, os.path.join(ckpt_dir, "model.pt"))
+        for line in downstream(raw_model, args, hellaswag_items, rank, world_size, device):  # untimed, after the clock
+            log.line(line)
         target = "none" if args.target_val_loss is None else (
             f"reached {args.target_val_loss} at step:{reached[0]} train_time:{reached[1]:.0f}ms" if reached
             else f"{args.target_val_loss} not reached")
@@ -901,6 +916,122 @@ def train(args):
             if sys.exc_info()[0] is None:
                 dist.barrier()  # no rank tears down gloo while another still uses it (it aborts the process)
             dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------------------------------
+# Beyond val loss: HellaSwag and samples. The model TST produces is an ordinary GPT, scored and sampled as one.
+
+def gpt2_encoding():
+    sys.path.insert(0, os.path.join(HERE, "data"))
+    from prepare import gpt2_encoding as local_encoding  # the GPT-2 BPE from local files, no network
+    return local_encoding()
+
+
+def load_hellaswag(n):
+    sys.path.insert(0, os.path.join(HERE, "data"))
+    from hellaswag import load_items
+    return load_items(n)
+
+
+@torch.no_grad()
+def ending_losses(model, batch, enc, device):
+    """Summed loss and token count of each item's four endings, (items, 4) each, scored as llm.c scores HellaSwag:
+    each row is the context then one ending (after a space) in GPT-2 tokens, and only the ending's tokens count.
+    A row longer than the model's positions loses the start of its context. Rows are right-padded: no position of
+    a causal model sees the padding after it."""
+    rows, masks = [], []
+    for context, endings, _ in batch:
+        context = enc.encode(context)
+        for ending in endings:
+            ending = enc.encode(" " + ending)
+            rows.append((context + ending)[-model.max_len - 1:])
+            masks.append(([0] * len(context) + [1] * len(ending))[-model.max_len - 1:])
+    width = max(map(len, rows))
+    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device, dtype=torch.float32)[:, 1:]
+    losses = F.cross_entropy(model.logits(tokens[:, :-1]).transpose(1, 2), tokens[:, 1:], reduction="none") * mask
+    return losses.sum(1).view(-1, 4), mask.sum(1).view(-1, 4)
+
+
+@torch.no_grad()
+def hellaswag_counts(model, items, enc, device, items_per_batch=8):
+    """Right answers (acc_norm, acc) over items: acc_norm picks the ending of lowest mean loss per token, acc the
+    lowest summed loss."""
+    model.eval()
+    right_norm = right = 0
+    for start in range(0, len(items), items_per_batch):
+        batch = items[start:start + items_per_batch]
+        summed, counts = ending_losses(model, batch, enc, device)
+        labels = torch.tensor([label for _, _, label in batch], device=device)
+        right += int((summed.argmin(1) == labels).sum())
+        right_norm += int(((summed / counts).argmin(1) == labels).sum())
+    return right_norm, right
+
+
+@torch.no_grad()
+def next_token_logits(model, tokens):
+    """Logits of the next token after each row of `tokens` (the last max_len of them): the training forward pass."""
+    return model.logits(tokens[:, -model.max_len:])[:, -1]
+
+
+@torch.no_grad()
+def generate(model, prompt, n_new, temperature, top_k, seed, device):
+    """n_new token ids after `prompt`, sampled one at a time from the whole window (no KV cache: short and plain)."""
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.tensor([prompt], device=device)
+    for _ in range(n_new):
+        logits = next_token_logits(model, tokens)[0] / temperature
+        if top_k:
+            logits[logits < logits.topk(min(top_k, logits.numel())).values[-1]] = -math.inf
+        tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1, generator=generator)[None]], dim=1)
+    return tokens[0, len(prompt):].tolist()
+
+
+def downstream(model, args, items, rank, world_size, device):
+    """The record log's lines about the final model: HellaSwag over the items (shared over ranks), and a sample."""
+    lines, enc = [], gpt2_encoding()
+    if items:
+        right_norm, right = all_reduce_sum(list(hellaswag_counts(model, items[rank::world_size], enc, device)), device)
+        lines.append(f"hellaswag: acc_norm {right_norm / len(items):.4f} acc {right / len(items):.4f} ({len(items)} items)")
+    if args.sample_tokens:
+        new = generate(model, enc.encode(args.sample_prompt), args.sample_tokens, args.temperature, args.top_k, args.seed, device)
+        lines.append("sample: " + json.dumps(args.sample_prompt + enc.decode(new)))
+    return lines
+
+
+def model_config(args):
+    return dict(vocab_size=args.vocab_size, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, max_len=args.seq_len)
+
+
+def export_model(model, args, path):
+    """The weights alone and the shape to rebuild them: what inference needs, without the training state."""
+    save_checkpoint(path, dict(config=model_config(args), dtype=args.dtype, model=model.state_dict()))
+
+
+def load_model(path, device):
+    """A GPT from an exported model.pt or from any checkpoint a run wrote."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        config, dtype = (state["config"], state["dtype"]) if "config" in state else (
+            model_config(argparse.Namespace(**state["args"])), state["args"]["dtype"])
+    except FileNotFoundError:
+        raise UsageError(f"--eval_only {path}: no such file") from None
+    except Exception as e:
+        raise UsageError(f"--eval_only {path}: not a train_tst.py checkpoint or exported model ({type(e).__name__})") from None
+    model = GPT(**config, dtype=dict(bf16=torch.bfloat16, fp32=torch.float32)[dtype]).to(device)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def evaluate_only(args):
+    """--eval_only: HellaSwag and a sample of a saved model, printed; no training."""
+    device = torch.device(args.device)
+    model = load_model(args.eval_only, device)
+    items = load_hellaswag(args.hellaswag) if args.hellaswag else []
+    for line in downstream(model, args, items, 0, 1, device):
+        print(line, flush=True)
+    return 0
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -951,7 +1082,8 @@ class RunLog:
 
 def main(argv=None):
     try:
-        return train(parse_args(argv))
+        args = parse_args(argv)
+        return evaluate_only(args) if args.eval_only else train(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ import numpy as np
 SEPARATOR = "=" * 100
 VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\S+) train_time:(\d+)ms step_avg:(\S+)ms tokens:(\d+)$")
 SWITCH_LINE = re.compile(r"checkpoint: step:(\d+) phase switch")
+HELLASWAG_LINE = re.compile(r"hellaswag: acc_norm (\S+) acc (\S+) \((\d+) items\)")
 # modded-nanogpt's track-3 logs (train_gpt_simple.py): "step:125/3600 val_loss:4.61126 train_time:22.160s step_avg:177.28ms"
 REFERENCE_VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\S+) train_time:([\d.]+)s step_avg:\S+ms")
 TRACK3_NOISE = 0.0013  # the track-3 README's run-to-run standard deviation of the final val loss near 3.28
@@ -54,8 +55,9 @@ def parse_log(path):
     if not vals:
         raise NotARecord(f"{path}: record log without any validation line")
     ending = lines[-1] if lines and lines[-1].split(":")[0] in ("done", "interrupted", "failed") else "unfinished"
+    hellaswag = next(((float(m[1]), float(m[2]), int(m[3])) for m in map(HELLASWAG_LINE.match, lines) if m), None)
     return dict(path=path, name=os.path.splitext(os.path.basename(path))[0], settings=settings, vals=vals,
-                switches=[int(m[1]) for m in map(SWITCH_LINE.match, lines) if m], ending=ending)
+                switches=[int(m[1]) for m in map(SWITCH_LINE.match, lines) if m], ending=ending, hellaswag=hellaswag)
 
 
 def parse_reference(path):
@@ -206,6 +208,9 @@ def compare(runs, baseline_key, target=None):
             row["other"] = other
         if ":" in d["schedule"] and "," not in d["schedule"]:
             row["s"], row["r"] = d["schedule"].split(":")
+        scored = [r["hellaswag"] for r in group if r["hellaswag"]]
+        if scored:
+            row["hellaswag"] = fmt([h[0] for h in scored], 4) + f" ({scored[0][2]} items)"
         if target is not None:
             row["to_target_s"] = fmt([time_to_loss(r["vals"], target) / 1000 for r in group], 1)
             row["p_under_target"] = f"{p_value_under(finals, target):.4f}" if len(group) > 1 else "n/a"
@@ -216,7 +221,7 @@ def compare(runs, baseline_key, target=None):
 COLUMNS = [("name", "run"), ("seeds", "seeds"), ("s", "s"), ("r", "r"), ("mode", "mode"), ("other", "other settings"),
            ("steps", "steps"), ("tokens", "tokens"), ("val", "final val loss"), ("time", "train time (s)"),
            ("speedup", "speedup at iso-loss (time)"), ("step_speedup", "(steps)"), ("step_time", "step time ratio"),
-           ("data", "data ratio"), ("to_target_s", "time to target (s)"), ("p_under_target", "p(mean < target)"),
+           ("data", "data ratio"), ("hellaswag", "HellaSwag acc_norm"), ("to_target_s", "time to target (s)"), ("p_under_target", "p(mean < target)"),
            ("ended", "ended")]
 
 
