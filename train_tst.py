@@ -9,7 +9,8 @@ a superposition step reads s times the text. With --tst_s 1 (the default) this i
     python train_tst.py --tst_s 4                               # CPU preset, bundled sample
     torchrun --standalone --nproc_per_node=8 train_tst.py --tst_s 8    # the track-3 GPT-2 baseline on FineWeb
 
-Read top to bottom: hyperparameters, data, model, TST, optimizer and schedule, training loop, logging.
+Read top to bottom: hyperparameters, data, model, TST, optimizer and schedule, training loop, HellaSwag and
+samples of the final model, logging.
 """
 import argparse
 import contextlib
