@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import glob
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+sys.modules.setdefault("train_tst", sys.modules[__name__])  # data/ imports train_tst: the same module (and UsageError) as this script
 with open(__file__) as _f:
     CODE = _f.read()  # the record log starts with the exact source that produced it
 CODE_SHA = hashlib.sha256(CODE.encode()).hexdigest()[:16]
@@ -64,6 +66,7 @@ PRESETS = {
                 data_order="shuffled"),  # a few MB of text: random windows (records/cpu/2026-11-23_crossover)
 }
 VOCAB_SIZE = 50304  # GPT-2's 50257 tokens, padded to a multiple of 128 for fast matmuls
+DTYPES = dict(bf16=torch.bfloat16, fp32=torch.float32)
 COMPILE_FROM_STEPS = 20  # the CPU preset's compiled step saves ~2.4 s (2 threads): its ~40 s warmup pays by step 20
 IGNORE = -100  # target id that no loss counts (F.cross_entropy's ignore_index)
 CHECKPOINT_FORMAT = 1
@@ -188,7 +191,11 @@ def parse_args(argv=None, world_size=None):
     if args.target_val_loss is not None and args.target_val_loss <= 0:
         raise UsageError(f"--target_val_loss must be positive, got {args.target_val_loss}")
     args.phases = parse_tst_schedule(args.tst_schedule, args.steps)
-    if args.preset == "gpt2" and on_sample:
+    if args.sample_tokens and not args.sample_prompt:
+        raise UsageError("--sample_prompt must not be empty")
+    if args.eval_only and not (args.hellaswag or args.sample_tokens):
+        raise UsageError("--eval_only needs --hellaswag N or --sample_tokens N: there is nothing else to do with the model")
+    if args.preset == "gpt2" and on_sample and not args.eval_only:
         shards = sequential_shards(step_windows(args), args.batch_size, [], FINEWEB_SHARD_TOKENS)
         raise UsageError(f"the gpt2 preset trains on FineWeb, which is not in data/fineweb10B: python data/cached_fineweb10B.py"
                          f" {shards} (what this run reads), or give --train_files and --val_files")
@@ -587,7 +594,7 @@ def make_optimizers(model, args):
                               dict(params=[model.lm_head.weight], lr=args.head_lr),
                               dict(params=vectors, lr=args.scalar_lr)],
                              betas=(0.8, 0.95), eps=ADAM_EPS_FOR_SUMMED_LOSS / (args.batch_size * args.seq_len),
-                             weight_decay=0.0, fused=torch.cuda.is_available())
+                             weight_decay=0.0, fused=model.wte.weight.is_cuda)
     muon = torch.optim.Muon(matrices, lr=args.lr, weight_decay=args.weight_decay, momentum=0.95, nesterov=True,
                             ns_coefficients=(2.0, -1.5, 0.5), ns_steps=12, adjust_lr_fn="original")
     optimizers = [adam, muon]
@@ -699,43 +706,57 @@ def evaluate(model, val_windows, micro_batch_size, device):
     return loss_sum / count
 
 
-def warm_up(model, optimizers, args, val_windows, world_size, device):
+def warm_up(train_model, model, optimizers, args, val_windows, world_size, device):
     """A step of every bag size at lr 0 and a validation batch on random tokens: compiles their graphs and
-    allocates what training will. This rank alone: no collective, so a rank that runs out of memory here
-    cannot leave the others waiting in one."""
+    allocates what training will. DDP's gradient sync is off and the rotary buffers are not broadcast, so there
+    is no collective here: a rank that runs out of memory cannot leave the others waiting in one."""
     fake = torch.Generator().manual_seed(0)
     accum = args.batch_size // (world_size * args.micro_batch_size)
-    for s in bag_sizes(args):
-        step = next((end - 1 for size, end in args.phases if size == s), args.phases[-1][1] if args.phases else 0)
-        windows = torch.randint(args.vocab_size, (args.batch_size // world_size, window_tokens(s, args.tst_mode, args.seq_len)), generator=fake)
-        train_step(model, optimizers, *batch_for(step, windows, args, device), accum, 0.0)
+    with train_model.no_sync() if isinstance(train_model, DDP) else contextlib.nullcontext():
+        for s in bag_sizes(args):
+            step = next((end - 1 for size, end in args.phases if size == s), args.phases[-1][1] if args.phases else 0)
+            windows = torch.randint(args.vocab_size, (args.batch_size // world_size, window_tokens(s, args.tst_mode, args.seq_len)), generator=fake)
+            train_step(train_model, optimizers, *batch_for(step, windows, args, device), accum, 0.0)
     val_loss_sum(model, val_windows[:args.micro_batch_size], args.micro_batch_size, device)
 
 
+def raise_if_any_rank_failed(error, device):
+    """Every rank raises when one has: a rank that stopped alone would leave the others waiting in a collective."""
+    if all_reduce_sum([float(error is not None)], device)[0]:
+        raise error or UsageError("another process stopped on an error (its message is above)")
+
+
 def fit_micro_batch(raw_model, args, val_windows, world_size, device):
-    """Compile (if asked) and warm up, halving the micro-batch while any rank runs out of memory: gradient
-    accumulation keeps the global batch, so the result does not change. The weights are put back from a CPU
-    copy (none stays on the device) and the warmup's optimizers are dropped. Returns the model to run and the
-    log's notes. Compiled graphs of a micro-batch that did not fit are dropped too, and a recompile past the
-    graphs a run needs is an error rather than a silent fall back to eager."""
+    """Compile (if asked), wrap in DDP and warm up, halving the micro-batch while any rank runs out of memory:
+    gradient accumulation keeps the global batch, so the result does not change. The weights are put back from
+    a CPU copy (none stays on the device) and the warmup's optimizers are dropped. Compiled graphs and the DDP
+    wrapper of a micro-batch that did not fit are dropped too, and a recompile past the graphs a run needs is an
+    error rather than a silent fall back to eager. Returns the model, the module to train (its DDP wrapper with
+    several processes) and the log's notes."""
     snapshot = {k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()}
     torch._dynamo.config.recompile_limit = 2 * (len(bag_sizes(args)) + 2)  # train and eval graphs, inside DDP and not
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     notes = []
     while True:
         model = torch.compile(raw_model, dynamic=False) if args.compile else raw_model
+        # The rotary tables are the only buffers, the same on every rank: nothing to broadcast each step.
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                          broadcast_buffers=False) if world_size > 1 else model
+        out_of_memory, failure = False, None
         try:
-            warm_up(model, make_optimizers(raw_model, args), args, val_windows, world_size, device)
-            out_of_memory = False
+            warm_up(train_model, model, make_optimizers(raw_model, args), args, val_windows, world_size, device)
         except torch.OutOfMemoryError:
             out_of_memory = True
+        except Exception as e:
+            failure = e
         raw_model.zero_grad(set_to_none=True)
         raw_model.load_state_dict(snapshot)
-        if not all_reduce_sum([float(out_of_memory)], device)[0]:
-            return model, notes
-        torch._dynamo.reset()
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # before the collectives, which may need memory of their own
+        raise_if_any_rank_failed(failure, device)
+        if not all_reduce_sum([float(out_of_memory)], device)[0]:
+            return model, train_model, notes
+        torch._dynamo.reset()
         per_rank, old = args.batch_size // world_size, args.micro_batch_size
         if old == 1:
             raise UsageError("out of memory at micro-batch 1: the model does not fit this device")
@@ -790,24 +811,29 @@ def peak_memory(device):
 
 
 def train(args):
-    # --- set-up: everything that can be wrong with the input is found before the first step
+    # --- set-up: everything that can be wrong with the input is found before the first step, on every rank
     rank, world_size, device = setup_distributed(args.device)
     master, cuda = rank == 0, device.type == "cuda"
     torch.manual_seed(args.seed)
-    loader = ShardLoader(args.train_files, args.batch_size, rank, world_size, args.vocab_size, args.data_order, args.seed)
-    for s in bag_sizes(args):
-        loader.check_fits(window_tokens(s, args.tst_mode, args.seq_len))
-    data_line = data_summary(loader, args)
-    val_windows = load_val_windows(args.val_files, args.val_tokens, args.seq_len, rank, world_size, args.vocab_size)
-    resume_state = load_checkpoint(args.resume, args) if args.resume else None
-    hellaswag_items = load_hellaswag(args.hellaswag) if args.hellaswag else []
+    problem = None
+    try:
+        loader = ShardLoader(args.train_files, args.batch_size, rank, world_size, args.vocab_size, args.data_order, args.seed)
+        for s in bag_sizes(args):
+            loader.check_fits(window_tokens(s, args.tst_mode, args.seq_len))
+        data_line = data_summary(loader, args)
+        val_windows = load_val_windows(args.val_files, args.val_tokens, args.seq_len, rank, world_size, args.vocab_size)
+        resume_state = load_checkpoint(args.resume, args) if args.resume else None
+        hellaswag_items = load_hellaswag(args.hellaswag) if args.hellaswag else []
+        enc = gpt2_encoding() if args.hellaswag or args.sample_tokens else None
+    except UsageError as e:
+        problem = e
+    raise_if_any_rank_failed(problem, device)
 
-    dtype = dict(bf16=torch.bfloat16, fp32=torch.float32)[args.dtype]
-    raw_model = GPT(args.vocab_size, args.n_layer, args.n_embd, args.n_head, args.seq_len, dtype).to(device)
-    model, warmup_notes = fit_micro_batch(raw_model, args, val_windows, world_size, device)
+    raw_model = GPT(**model_config(args), dtype=DTYPES[args.dtype]).to(device)
+    model, train_model, warmup_notes = fit_micro_batch(raw_model, args, val_windows, world_size, device)
     optimizers = make_optimizers(raw_model, args)
-    # The rotary tables are the only buffers, the same on every rank: nothing to broadcast each step.
-    train_model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False) if world_size > 1 else model
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)  # the peak of training, not of a warmup that ran out of memory
     accum = args.batch_size // (world_size * args.micro_batch_size)
     flops_per_step = model_flops_per_token(raw_model, args.seq_len) * args.batch_size * args.seq_len
 
@@ -836,13 +862,14 @@ def train(args):
 
     stop_signals = []
     handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    restore_signals = lambda: [signal.signal(sig, handler) for sig, handler in handlers.items()]
     start_step, val_loss, reached, stopping, last_ckpt = step, None, None, False, args.resume
     try:
         while True:
             s = bag_size_at(step, args.phases)  # the bag size of the next step
 
             # --- validate (plain next-token loss, whatever the phase)
-            fresh_point = step > start_step or resume_state is None  # a resumed run's first point was logged before
+            fresh_point = step > start_step or resume_state is None or step == args.steps  # a resumed run's first point was logged before
             if fresh_point and (step in (0, args.steps) or (args.val_every and step % args.val_every == 0)):
                 val_loss = evaluate(model, val_windows, args.micro_batch_size, device)
                 if not math.isfinite(val_loss):
@@ -898,21 +925,22 @@ def train(args):
                 eta = train_ms / step * (args.steps - step) / 1000
                 log.line(f"step:{step}/{args.steps} train_loss:{train_loss:.4f} phase:{phase} s:{s} {clock(step, train_ms, tokens_seen)}{mfu}",
                          console_extra=f" eta:{eta // 60:.0f}m{eta % 60:02.0f}s" if eta > 60 else "")
+        restore_signals()  # what follows is not a training step: a stop signal stops it
+        peak = peak_memory(device)
         if master:
             export_model(raw_model, args, os.path.join(ckpt_dir, "model.pt"))
-        for line in downstream(raw_model, args, hellaswag_items, rank, world_size, device):  # untimed, after the clock
+        for line in downstream(raw_model, args, hellaswag_items, enc, rank, world_size, device):  # untimed, after the clock
             log.line(line)
         target = "none" if args.target_val_loss is None else (
             f"reached {args.target_val_loss} at step:{reached[0]} train_time:{reached[1]:.0f}ms" if reached
             else f"{args.target_val_loss} not reached")
-        log.close(f"done: step:{step}/{args.steps} val_loss:{val_loss:.4f} {clock(step, train_ms, tokens_seen)} target:{target}{peak_memory(device)}")
+        log.close(f"done: step:{step}/{args.steps} val_loss:{val_loss:.4f} {clock(step, train_ms, tokens_seen)} target:{target}{peak}")
         return 0
     except BaseException as e:
         log.close(f"failed: step:{step}/{args.steps} {type(e).__name__}: {e}")
         raise
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        restore_signals()
         if dist.is_initialized():
             if sys.exc_info()[0] is None:
                 dist.barrier()  # no rank tears down gloo while another still uses it (it aborts the process)
@@ -922,16 +950,20 @@ def train(args):
 # -----------------------------------------------------------------------------------------------------
 # Beyond val loss: HellaSwag and samples. The model TST produces is an ordinary GPT, scored and sampled as one.
 
+def data_module(name):
+    """A module of data/ (the offline GPT-2 tokenizer, HellaSwag), imported when a run first needs it."""
+    folder = os.path.join(HERE, "data")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
+
+
 def gpt2_encoding():
-    sys.path.insert(0, os.path.join(HERE, "data"))
-    from prepare import gpt2_encoding as local_encoding  # the GPT-2 BPE from local files, no network
-    return local_encoding()
+    return data_module("prepare").gpt2_encoding()
 
 
 def load_hellaswag(n):
-    sys.path.insert(0, os.path.join(HERE, "data"))
-    from hellaswag import load_items
-    return load_items(n)
+    return data_module("hellaswag").load_items(n)
 
 
 @torch.no_grad()
@@ -976,27 +1008,30 @@ def next_token_logits(model, tokens):
 
 
 @torch.no_grad()
-def generate(model, prompt, n_new, temperature, top_k, seed, device):
-    """n_new token ids after `prompt`, sampled one at a time from the whole window (no KV cache: short and plain)."""
+def generate(model, prompt, n_new, temperature, top_k, seed, device, n_vocab=None):
+    """n_new token ids after `prompt`, sampled one at a time from the whole window (no KV cache: short and plain),
+    never from the padding ids at or past n_vocab, which no tokenizer decodes."""
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = torch.tensor([prompt], device=device)
     for _ in range(n_new):
         logits = next_token_logits(model, tokens)[0] / temperature
+        if n_vocab:
+            logits[n_vocab:] = -math.inf
         if top_k:
             logits[logits < logits.topk(min(top_k, logits.numel())).values[-1]] = -math.inf
         tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1, generator=generator)[None]], dim=1)
     return tokens[0, len(prompt):].tolist()
 
 
-def downstream(model, args, items, rank, world_size, device):
+def downstream(model, args, items, enc, rank, world_size, device):
     """The record log's lines about the final model: HellaSwag over the items (shared over ranks), and a sample."""
-    lines, enc = [], gpt2_encoding()
+    lines = []
     if items:
         right_norm, right = all_reduce_sum(list(hellaswag_counts(model, items[rank::world_size], enc, device)), device)
         lines.append(f"hellaswag: acc_norm {right_norm / len(items):.4f} acc {right / len(items):.4f} ({len(items)} items)")
     if args.sample_tokens:
-        new = generate(model, enc.encode(args.sample_prompt), args.sample_tokens, args.temperature, args.top_k, args.seed, device)
+        new = generate(model, enc.encode(args.sample_prompt), args.sample_tokens, args.temperature, args.top_k, args.seed, device, enc.n_vocab)
         lines.append("sample: " + json.dumps(args.sample_prompt + enc.decode(new)))
     return lines
 
@@ -1020,7 +1055,7 @@ def load_model(path, device):
         raise UsageError(f"--eval_only {path}: no such file") from None
     except Exception as e:
         raise UsageError(f"--eval_only {path}: not a train_tst.py checkpoint or exported model ({type(e).__name__})") from None
-    model = GPT(**config, dtype=dict(bf16=torch.bfloat16, fp32=torch.float32)[dtype]).to(device)
+    model = GPT(**config, dtype=DTYPES[dtype]).to(device)
     model.load_state_dict(state["model"])
     return model
 
@@ -1030,7 +1065,7 @@ def evaluate_only(args):
     device = torch.device(args.device)
     model = load_model(args.eval_only, device)
     items = load_hellaswag(args.hellaswag) if args.hellaswag else []
-    for line in downstream(model, args, items, 0, 1, device):
+    for line in downstream(model, args, items, gpt2_encoding(), 0, 1, device):
         print(line, flush=True)
     return 0
 

@@ -30,7 +30,8 @@ HELLASWAG_LINE = re.compile(r"hellaswag: acc_norm (\S+) acc (\S+) \((\d+) items\
 REFERENCE_VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\S+) train_time:([\d.]+)s step_avg:\S+ms")
 TRACK3_NOISE = 0.0013  # the track-3 README's run-to-run standard deviation of the final val loss near 3.28
 NOT_A_CONFIG = {"seed", "run_id", "log_dir", "resume", "save_every", "log_every", "compile", "target_val_loss",
-                "train_files", "val_files", "micro_batch_size", "peak_tflops"}
+                "train_files", "val_files", "micro_batch_size", "peak_tflops", "device", "allow_repeat", "hellaswag",
+                "sample_tokens", "sample_prompt", "temperature", "top_k", "eval_only"}
 HAS_A_COLUMN = {"tst_s", "tst_r", "tst_schedule", "tst_mode", "steps"}
 BUDGET = {"steps", "val_every"}
 TST_SETTINGS = {"tst_s", "tst_r", "tst_schedule", "tst_mode", "tst_weights", "mtp_k"}
@@ -85,7 +86,7 @@ def reference_check(runs, trials, noise=TRACK3_NOISE):
     for trial in trials:
         for step, loss in trial:
             theirs.setdefault(step, []).append(loss)
-    for run in runs:
+    for run in filter(is_baseline, runs):
         for step, loss, _, _ in run["vals"]:
             ours.setdefault(step, []).append(loss)
     rows = []
@@ -320,10 +321,11 @@ def zero_crossing_steps(fit, size):
 
 def fit_lines(fit, points):
     names = {"a": "a", "b": "b ln N", "c": "c ln S"}
-    out = [f"fit over {len(points)} points: gap = " + " + ".join(names[t] for t in fit["terms"])
-           + " (N: the blocks' parameters, 12 x layers x width^2; S: steps); "
-           + ", ".join(f"{t} = {fit['coef'][t]:+.4f} ± {fit['se'][t]:.4f}" for t in fit["terms"])
-           + f"; residual sd {fit['sigma']:.4f} ({fit['dof']} degrees of freedom)"]
+    spread = (", ".join(f"{t} = {fit['coef'][t]:+.4f} ± {fit['se'][t]:.4f}" for t in fit["terms"])
+              + f"; residual sd {fit['sigma']:.4f} ({fit['dof']} degrees of freedom)") if fit["dof"] > 0 else \
+        ", ".join(f"{t} = {fit['coef'][t]:+.4f}" for t in fit["terms"]) + "; as many terms as points: an exact fit, no error estimate"
+    out = [f"fit over {len(points)} points, TST {points[0]['tst']}: gap = " + " + ".join(names[t] for t in fit["terms"])
+           + " (N: the blocks' parameters, 12 x layers x width^2; S: steps); " + spread]
     for testbed, size in dict.fromkeys((p["testbed"], p["size"]) for p in points):
         crossing = zero_crossing_steps(fit, size)
         where = "no crossing (the fitted gap does not shrink with the budget)" if crossing is None else \
@@ -376,7 +378,7 @@ def plot(runs, path):
     fig.savefig(path, dpi=110)
 
 
-def plot_crossover(points, path, fit=None):
+def plot_crossover(points, path, fits=None):
     """Speedup at iso-loss (steps) and the paired val-loss gap against the step budget: a line per testbed and TST
     configuration, seed means with one standard deviation as bars; with a fit, its line per testbed (dashed, out to
     the public points' budgets) and the public points on the gap panel."""
@@ -392,12 +394,13 @@ def plot_crossover(points, path, fit=None):
             ax.errorbar(steps, [np.mean(v) if v else math.nan for v in values], yerr=spread, color=f"C{i % 10}",
                         marker="o", capsize=3, label=f"{line[0]}, TST {line[1]}")
     budgets = sorted({p["steps"] for p in points})
-    if fit is not None:
+    if fits:
         budgets = sorted(set(budgets) | {steps for _, _, steps, _ in PUBLIC_POINTS})
         span = np.geomspace(budgets[0], budgets[-1], 50)
-        for i, (testbed, size) in enumerate(dict.fromkeys((p["testbed"], p["size"]) for p in points)):
-            axes[1].plot(span, [fitted_gap(fit, size, s) for s in span], color=f"C{i % 10}", linestyle="--", alpha=0.7,
-                         label=f"fit, {testbed}")
+        for i, line in enumerate(lines):
+            size = next(p["size"] for p in points if (p["testbed"], p["tst"]) == line)
+            axes[1].plot(span, [fitted_gap(fits[line[1]], size, s) for s in span], color=f"C{i % 10}", linestyle="--",
+                         alpha=0.7, label=f"fit, {line[0]}, TST {line[1]}")
         for j, (label, _, steps, gap) in enumerate(PUBLIC_POINTS):
             axes[1].plot(steps, gap, marker="*", markersize=12, linestyle="none", color=f"C{(j + 6) % 10}", label=label)
         axes[1].legend(fontsize=7)
@@ -451,7 +454,7 @@ def main(argv=None):
     if trials:
         rows = reference_check(runs, trials, args.noise)
         if not rows:
-            print("error: our runs share no validation step with the reference", file=sys.stderr)
+            print("error: no baseline run given shares a validation step with the reference", file=sys.stderr)
             return 2
         print(markdown_table(rows, REFERENCE_COLUMNS))
         print(f"{sum(r['within'] == 'yes' for r in rows)} of {len(rows)} validation steps within 3σ of the reference")
@@ -462,11 +465,14 @@ def main(argv=None):
             print("error: no TST run has a baseline run of the same testbed, budget and seed", file=sys.stderr)
             return 2
         print(markdown_table(crossover_rows(points), CROSSOVER_COLUMNS))
-        fit = fit_gap(points) if args.fit else None
-        if fit:
-            print("\n".join(fit_lines(fit, points)))
+        fits = {}
+        if args.fit:  # one fit per TST setting: a plane through s = 4 and s = 8 points at once would describe neither
+            for tst in dict.fromkeys(p["tst"] for p in points):
+                group = [p for p in points if p["tst"] == tst]
+                fits[tst] = fit_gap(group)
+                print("\n".join(fit_lines(fits[tst], group)))
         if args.plot:
-            plot_crossover(points, args.plot, fit)
+            plot_crossover(points, args.plot, fits)
             print(f"plot: {args.plot}")
         return 0
     if args.baseline and config_key(baseline) not in {config_key(r) for r in runs}:
