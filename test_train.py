@@ -1271,6 +1271,13 @@ def test_compare_refuses_what_is_not_a_record_log(tmp_path, capsys):
     (tmp_path / "half.txt").write_text("x\n" + compare.SEPARATOR + "\nno json here\n")
     assert compare.main([str(tmp_path / "half.txt")]) == 2
     assert "no hyperparameter JSON line" in capsys.readouterr().err
+    (tmp_path / "started.txt").write_text("x\n" + compare.SEPARATOR + '\n{"tst_schedule": ""}\nmodel: 1 parameters\n')
+    done = synthetic_log(tmp_path / "done.txt", "", [(0, 10, 0, 0), (10, 5, 100, 10)])
+    assert compare.main([done, str(tmp_path / "started.txt")]) == 0  # a run that has just started is left out
+    assert "left out, not finished: started" in capsys.readouterr().err
+    (tmp_path / "ended.txt").write_text("x\n" + compare.SEPARATOR + '\n{"tst_schedule": ""}\ndone: step:0/0\n')
+    assert compare.main([str(tmp_path / "ended.txt")]) == 2
+    assert "record log without any validation line" in capsys.readouterr().err
 
 
 def test_plot_draws_curves_or_says_how_to_get_matplotlib(tmp_path, monkeypatch, capsys):

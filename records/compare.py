@@ -53,9 +53,9 @@ def parse_log(path):
     if not isinstance(settings, dict) or "tst_schedule" not in settings:
         raise NotARecord(f"{path}: not a train_tst.py record log (no hyperparameter JSON line)")
     vals = [(int(m[1]), float(m[3]), int(m[4]), int(m[6])) for m in map(VAL_LINE.match, lines) if m]
-    if not vals:
-        raise NotARecord(f"{path}: record log without any validation line")
     ending = lines[-1] if lines and lines[-1].split(":")[0] in ("done", "interrupted", "failed") else "unfinished"
+    if not vals and ending != "unfinished":  # a run that has just started has none yet: left out below, not refused
+        raise NotARecord(f"{path}: record log without any validation line")
     hellaswag = next(((float(m[1]), float(m[2]), int(m[3])) for m in map(HELLASWAG_LINE.match, lines) if m), None)
     return dict(path=path, name=os.path.splitext(os.path.basename(path))[0], settings=settings, vals=vals,
                 switches=[int(m[1]) for m in map(SWITCH_LINE.match, lines) if m], ending=ending, hellaswag=hellaswag)
@@ -448,6 +448,7 @@ def main(argv=None):
     if unfinished and not args.include_unfinished:
         print(f"left out, not finished: {', '.join(unfinished)} (--include_unfinished keeps them)", file=sys.stderr)
         runs = [r for r in runs if r["ending"].startswith("done")]
+    runs = [r for r in runs if r["vals"]]  # started, not yet validated: nothing to show
     if not runs:
         print("error: no finished record logs given", file=sys.stderr)
         return 2
