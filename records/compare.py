@@ -403,7 +403,7 @@ def plot_crossover(points, path, fits=None):
                          alpha=0.7, label=f"fit, {line[0]}, TST {line[1]}")
         for j, (label, _, steps, gap) in enumerate(PUBLIC_POINTS):
             axes[1].plot(steps, gap, marker="*", markersize=12, linestyle="none", color=f"C{(j + 6) % 10}", label=label)
-        axes[1].legend(fontsize=7)
+        axes[1].legend(fontsize=7, loc="upper left")
     for ax, label, even in zip(axes, ("speedup at iso-loss (steps)", "final val loss, TST - baseline"), (1, 0)):
         ax.axhline(even, color="k", linewidth=0.8)
         ax.set_xscale("log", base=2)
