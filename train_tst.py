@@ -255,6 +255,11 @@ def next_chunk(shard, offset, need, shard_length):
     return shard, offset
 
 
+def sequential_chunk(batch_size, window):
+    """Tokens of a sequential step's chunk: batch_size windows, each overlapping the next by one token."""
+    return batch_size * (window - 1) + 1
+
+
 def sequential_shards(windows, batch_size, shard_lengths, further_shard):
     """How many shards the sequential walk enters to read a step of `batch_size` windows of each length in
     `windows`: the given shards in order, then shards of `further_shard` tokens. More than the given shards
@@ -262,7 +267,7 @@ def sequential_shards(windows, batch_size, shard_lengths, further_shard):
     length = lambda i: shard_lengths[i] if i < len(shard_lengths) else further_shard
     shard = offset = 0
     for window in windows:
-        need = batch_size * (window - 1) + 1
+        need = sequential_chunk(batch_size, window)
         shard, offset = next_chunk(shard, offset, need, length)
         offset += need - 1
     return shard + 1
@@ -297,7 +302,7 @@ class ShardLoader:
         self.shard = self.offset = self.epoch = self.draws = 0
 
     def chunk_tokens(self, window):
-        return self.batch_size * (window - 1) + 1 if self.order == "sequential" else window
+        return sequential_chunk(self.batch_size, window) if self.order == "sequential" else window
 
     def check_fits(self, window):
         need, longest = self.chunk_tokens(window), max(len(s) for s in self.shards)
@@ -504,6 +509,11 @@ def parse_tst_schedule(text, steps):
     return [(size, end) for size, end in phases if size > 1]
 
 
+def superposition_end(phases):
+    """The first step of plain next-token training (0 without TST)."""
+    return phases[-1][1] if phases else 0
+
+
 def bag_size_at(step, phases):
     """The bag size s of a step; 1 once the superposition pieces are over."""
     return next((size for size, end in phases if step < end), 1)
@@ -665,7 +675,7 @@ def bag_sizes(args):
 
 def batch_for(step, windows, args, device):
     """Inputs, targets and slot weights of a step from its token windows, on the device."""
-    phase_end = args.phases[-1][1] if args.phases else 0
+    phase_end = superposition_end(args.phases)
     progress = (step - phase_end) / max(1, args.steps - phase_end)
     return make_batch(windows.to(device, non_blocking=True), bag_size_at(step, args.phases), args, progress)
 
@@ -714,7 +724,7 @@ def warm_up(train_model, model, optimizers, args, val_windows, world_size, devic
     accum = args.batch_size // (world_size * args.micro_batch_size)
     with train_model.no_sync() if isinstance(train_model, DDP) else contextlib.nullcontext():
         for s in bag_sizes(args):
-            step = next((end - 1 for size, end in args.phases if size == s), args.phases[-1][1] if args.phases else 0)
+            step = next((end - 1 for size, end in args.phases if size == s), superposition_end(args.phases))
             windows = torch.randint(args.vocab_size, (args.batch_size // world_size, window_tokens(s, args.tst_mode, args.seq_len)), generator=fake)
             train_step(train_model, optimizers, *batch_for(step, windows, args, device), accum, 0.0)
     val_loss_sum(model, val_windows[:args.micro_batch_size], args.micro_batch_size, device)
