@@ -1262,6 +1262,15 @@ def test_crossover_pairs_each_tst_run_with_the_baseline_of_its_seed_and_budget(t
     pytest.importorskip("matplotlib")
     assert compare.main([str(tmp_path), "--crossover", "--plot", str(tmp_path / "map.png")]) == 0
     assert open(tmp_path / "map.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # a fit per TST setting, only where its points outnumber the plane's terms (4:0.3: 4 points, output: 1)
+    log("b80_0", "", 0, 80, 3.3), log("t80_0", "4:0.3", 0, 80, 3.35)
+    synthetic_log(tmp_path / "o40_0.txt", "4:0.3", [(0, 10, 0, 0), (20, 5, 2000, 400), (40, 3.7, 4000, 800)],
+                  tst_mode="output", n_layer=4, n_embd=128)
+    capsys.readouterr()
+    assert compare.main([str(tmp_path), "--crossover", "--fit", "--plot", str(tmp_path / "map.png")]) == 0
+    out = capsys.readouterr().out
+    assert "fit over 4 points, TST 4:0.3: gap = a + b ln N + c ln S" in out
+    assert "no fit for TST 4:0.3 output: 1 point(s), no more than the plane's terms" in out
 
 
 def test_compare_refuses_what_is_not_a_record_log(tmp_path, capsys):
@@ -1366,6 +1375,7 @@ def test_gap_fit_recovers_a_known_plane_and_its_zero_crossing(tmp_path, capsys):
     assert one_size["terms"] == ["a", "c"]  # a single size: no size term
     flat = compare.fit_gap([dict(p, gap=[0.1 + 0.001 * math.log(p["steps"])]) for p in points])
     assert compare.zero_crossing_steps(flat, 1e6) is None  # a gap growing with the budget never crosses
+    assert compare.fit_gap(points[3:5]) is None  # two points, two terms: nothing left to estimate the error
     lines = compare.fit_lines(fit, points[:1])
     assert lines[0].startswith("fit over 1 points, TST 4:0.3: gap = a + b ln N + c ln S") and "crosses zero at" in lines[1]
 

@@ -289,14 +289,17 @@ def fit_gap(points):
     parameters (12 x layers x width^2) and S the step budget; a term whose variable takes a single value is left out.
     A plane in log size and log budget is the simplest form that lets the gap change sign: the measured gaps shrink
     about linearly in log budget, and scaling-law differences are linear in log N over small ranges.
-    Returns {term: (coefficient, standard error)}, the covariance, and the residual standard deviation."""
+    Returns {term: (coefficient, standard error)}, the covariance, and the residual standard deviation; None where
+    the points do not outnumber the terms (no residual is left to give the coefficients an error)."""
     terms = ["a"] + [name for name, key in (("b", "size"), ("c", "steps")) if len({p[key] for p in points}) > 1]
+    if len(points) <= len(terms):
+        return None
     columns = {"a": lambda p: 1.0, "b": lambda p: math.log(p["size"]), "c": lambda p: math.log(p["steps"])}
     X = np.array([[columns[t](p) for t in terms] for p in points])
     y = np.array([float(np.mean(p["gap"])) for p in points])
     coef, *_ = np.linalg.lstsq(X, y, rcond=None)
     dof = len(y) - len(terms)
-    sigma = float(np.sqrt(np.sum((y - X @ coef) ** 2) / dof)) if dof > 0 else math.nan
+    sigma = float(np.sqrt(np.sum((y - X @ coef) ** 2) / dof))
     cov = sigma ** 2 * np.linalg.pinv(X.T @ X)
     return dict(terms=terms, coef=dict(zip(terms, coef)), se=dict(zip(terms, np.sqrt(np.diag(cov)))), cov=cov, sigma=sigma, dof=dof)
 
@@ -322,8 +325,7 @@ def zero_crossing_steps(fit, size):
 def fit_lines(fit, points):
     names = {"a": "a", "b": "b ln N", "c": "c ln S"}
     spread = (", ".join(f"{t} = {fit['coef'][t]:+.4f} ± {fit['se'][t]:.4f}" for t in fit["terms"])
-              + f"; residual sd {fit['sigma']:.4f} ({fit['dof']} degrees of freedom)") if fit["dof"] > 0 else \
-        ", ".join(f"{t} = {fit['coef'][t]:+.4f}" for t in fit["terms"]) + "; as many terms as points: an exact fit, no error estimate"
+              + f"; residual sd {fit['sigma']:.4f} ({fit['dof']} degrees of freedom)")
     out = [f"fit over {len(points)} points, TST {points[0]['tst']}: gap = " + " + ".join(names[t] for t in fit["terms"])
            + " (N: the blocks' parameters, 12 x layers x width^2; S: steps); " + spread]
     for testbed, size in dict.fromkeys((p["testbed"], p["size"]) for p in points):
@@ -398,6 +400,8 @@ def plot_crossover(points, path, fits=None):
         budgets = sorted(set(budgets) | {steps for _, _, steps, _ in PUBLIC_POINTS})
         span = np.geomspace(budgets[0], budgets[-1], 50)
         for i, line in enumerate(lines):
+            if line[1] not in fits:
+                continue
             size = next(p["size"] for p in points if (p["testbed"], p["tst"]) == line)
             axes[1].plot(span, [fitted_gap(fits[line[1]], size, s) for s in span], color=f"C{i % 10}", linestyle="--",
                          alpha=0.7, label=f"fit, {line[0]}, TST {line[1]}")
@@ -470,8 +474,12 @@ def main(argv=None):
         if args.fit:  # one fit per TST setting: a plane through s = 4 and s = 8 points at once would describe neither
             for tst in dict.fromkeys(p["tst"] for p in points):
                 group = [p for p in points if p["tst"] == tst]
-                fits[tst] = fit_gap(group)
-                print("\n".join(fit_lines(fits[tst], group)))
+                fit = fit_gap(group)
+                if fit is None:
+                    print(f"no fit for TST {tst}: {len(group)} point(s), no more than the plane's terms")
+                    continue
+                fits[tst] = fit
+                print("\n".join(fit_lines(fit, group)))
         if args.plot:
             plot_crossover(points, args.plot, fits)
             print(f"plot: {args.plot}")
