@@ -1376,8 +1376,13 @@ def test_gap_fit_recovers_a_known_plane_and_its_zero_crossing(tmp_path, capsys):
     flat = compare.fit_gap([dict(p, gap=[0.1 + 0.001 * math.log(p["steps"])]) for p in points])
     assert compare.zero_crossing_steps(flat, 1e6) is None  # a gap growing with the budget never crosses
     assert compare.fit_gap(points[3:5]) is None  # two points, two terms: nothing left to estimate the error
+    value, se = compare.fitted_gap(fit, 1e6, 1000)
+    assert value == pytest.approx(a + b * math.log(1e6) + c * math.log(1000), abs=0.002) and 0 < se < 0.002
     lines = compare.fit_lines(fit, points[:1])
     assert lines[0].startswith("fit over 1 points, TST 4:0.3: gap = a + b ln N + c ln S") and "crosses zero at" in lines[1]
+    label, size, steps, measured = compare.PUBLIC_POINTS[0]
+    expected = a + b * math.log(size) + c * math.log(steps)
+    assert lines[2].startswith(f"extrapolated to {label} (N = {size / 1e6:.2f}M, {steps:,} steps): {expected:+.3f} ± ")
 
 
 # ---------------------------------------------------------------------------------------------------

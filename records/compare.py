@@ -294,8 +294,7 @@ def fit_gap(points):
     terms = ["a"] + [name for name, key in (("b", "size"), ("c", "steps")) if len({p[key] for p in points}) > 1]
     if len(points) <= len(terms):
         return None
-    columns = {"a": lambda p: 1.0, "b": lambda p: math.log(p["size"]), "c": lambda p: math.log(p["steps"])}
-    X = np.array([[columns[t](p) for t in terms] for p in points])
+    X = np.array([plane_row(terms, p["size"], p["steps"]) for p in points])
     y = np.array([float(np.mean(p["gap"])) for p in points])
     coef, *_ = np.linalg.lstsq(X, y, rcond=None)
     dof = len(y) - len(terms)
@@ -304,9 +303,15 @@ def fit_gap(points):
     return dict(terms=terms, coef=dict(zip(terms, coef)), se=dict(zip(terms, np.sqrt(np.diag(cov)))), cov=cov, sigma=sigma, dof=dof)
 
 
+def plane_row(terms, size, steps):
+    """The plane's regressors (1, ln N, ln S), those of `terms` only."""
+    return [{"a": 1.0, "b": math.log(size), "c": math.log(steps)}[t] for t in terms]
+
+
 def fitted_gap(fit, size, steps):
-    c = fit["coef"]
-    return c["a"] + c.get("b", 0.0) * math.log(size) + c.get("c", 0.0) * math.log(steps)
+    """The fitted gap at (N, S) and its standard error (of the fitted mean, not of one more run)."""
+    x = np.array(plane_row(fit["terms"], size, steps))
+    return float(x @ np.array([fit["coef"][t] for t in fit["terms"]])), float(np.sqrt(x @ fit["cov"] @ x))
 
 
 def zero_crossing_steps(fit, size):
@@ -333,6 +338,10 @@ def fit_lines(fit, points):
         where = "no crossing (the fitted gap does not shrink with the budget)" if crossing is None else \
             f"crosses zero at {crossing[0]:,.0f} steps (one standard error: {crossing[1]:,.0f} to {crossing[2]:,.0f})"
         out.append(f"{testbed} (N = {size / 1e6:.2f}M): {where}")
+    for label, size, steps, gap in PUBLIC_POINTS:
+        if size is not None and "b" in fit["terms"] and "c" in fit["terms"]:
+            value, se = fitted_gap(fit, size, steps)
+            out.append(f"extrapolated to {label} (N = {size / 1e6:.2f}M, {steps:,} steps): {value:+.3f} ± {se:.3f}, measured there {gap:+.3f}")
     return out
 
 
@@ -403,7 +412,7 @@ def plot_crossover(points, path, fits=None):
             if line[1] not in fits:
                 continue
             size = next(p["size"] for p in points if (p["testbed"], p["tst"]) == line)
-            axes[1].plot(span, [fitted_gap(fits[line[1]], size, s) for s in span], color=f"C{i % 10}", linestyle="--",
+            axes[1].plot(span, [fitted_gap(fits[line[1]], size, s)[0] for s in span], color=f"C{i % 10}", linestyle="--",
                          alpha=0.7, label=f"fit, {line[0]}, TST {line[1]}")
         for j, (label, _, steps, gap) in enumerate(PUBLIC_POINTS):
             axes[1].plot(steps, gap, marker="*", markersize=12, linestyle="none", color=f"C{(j + 6) % 10}", label=label)
