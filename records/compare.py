@@ -394,7 +394,7 @@ def plot_crossover(points, path, fits=None):
     configuration, seed means with one standard deviation as bars; with a fit, its line per testbed (dashed, out to
     the public points' budgets) and the public points on the gap panel."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 7))
     lines = list(dict.fromkeys((p["testbed"], p["tst"]) for p in points))
     for i, line in enumerate(lines):
         curve = [p for p in points if (p["testbed"], p["tst"]) == line]
@@ -416,7 +416,7 @@ def plot_crossover(points, path, fits=None):
                          alpha=0.7, label=f"fit, {line[0]}, TST {line[1]}")
         for j, (label, _, steps, gap) in enumerate(PUBLIC_POINTS):
             axes[1].plot(steps, gap, marker="*", markersize=12, linestyle="none", color=f"C{(j + 6) % 10}", label=label)
-        axes[1].legend(fontsize=7, loc="upper left")
+        axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     for ax, label, even in zip(axes, ("speedup at iso-loss (steps)", "final val loss, TST - baseline"), (1, 0)):
         ax.axhline(even, color="k", linewidth=0.8)
         ax.set_xscale("log", base=2)
@@ -425,7 +425,7 @@ def plot_crossover(points, path, fits=None):
         ax.set_xlabel("step budget")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below: the points fill the axes
     fig.suptitle("TST against its baseline by budget (above 1 / below 0: TST ahead)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
