@@ -166,9 +166,25 @@ def test_tst_schedule_parsing_and_switch_steps():
     assert T.parse_tst_schedule("8:0.1,4:0.1,2:0.1", 400) == [(8, 40), (4, 80), (2, 120)]
     phases = T.parse_tst_schedule("6:0.35", 7)  # floor(0.35 * 7) = 2
     assert [T.bag_size_at(k, phases) for k in range(7)] == [6, 6, 1, 1, 1, 1, 1]
-    for bad in ["8", "8:x", "0:0.2", "4:1.2", "8:0.6,4:0.5", "a:b"]:
+    for bad in ["8", "8:x", "0:0.2", "4:1.2", "8:0.6,4:0.5", "a:b", "4:0.001", "4:0.1,2:0.001"]:
         with pytest.raises(T.UsageError):
             T.parse_tst_schedule(bad, 100)
+
+
+@pytest.mark.parametrize("text,phase_of_steps", [
+    ("1:0.1,4:0.1", [1] * 4 + [4] * 4 + [1] * 32),  # the bag-size-1 piece trains next-token where it stands
+    ("4:0.1,1:0.1,2:0.1", [4] * 4 + [1] * 4 + [2] * 4 + [1] * 28),
+    ("4:0.25", [4] * 10 + [1] * 30),
+])
+def test_a_schedule_runs_each_piece_at_its_place_bag_size_1_included(text, phase_of_steps):
+    phases = T.parse_tst_schedule(text, 40)
+    assert [T.bag_size_at(k, phases) for k in range(40)] == phase_of_steps
+    assert T.superposition_end(phases) == max(k + 1 for k, s in enumerate(phase_of_steps) if s > 1)
+
+
+def test_a_tst_setting_whose_superposition_phase_has_no_step_is_refused(capsys):
+    assert T.main(["--tst_s", "4", "--steps", "3"]) == 2  # floor(0.3 x 3) = 0: TST would be off in silence
+    assert "covers no step of 3" in capsys.readouterr().err
 
 
 def test_lr_schedule_is_warmup_stable_decay():
@@ -430,12 +446,18 @@ def test_multi_token_prediction_weights_anneal_to_next_token(shards, tmp_path):
     assert val_losses(log_lines(tmp_path))[12] < math.log(VOCAB) - 1.0
 
 
-def test_annealed_schedule_logs_each_switch(shards, tmp_path):
-    assert T.main(tiny(shards, tmp_path, "--tst_schedule", "4:0.25,2:0.25", steps=12)) == 0
+@pytest.mark.parametrize("schedule,sizes,switch_steps", [
+    ("4:0.25,2:0.25", [4] * 3 + [2] * 3 + [1] * 6, ["step:3", "step:6"]),
+    ("1:0.25,4:0.25", [1] * 3 + [4] * 3 + [1] * 6, ["step:3", "step:6"]),  # a bag-size-1 piece is not dropped
+])
+def test_a_schedule_trains_and_logs_each_piece_at_its_place(shards, tmp_path, schedule, sizes, switch_steps):
+    assert T.main(tiny(shards, tmp_path, "--tst_schedule", schedule, steps=12)) == 0
     lines = log_lines(tmp_path)
-    assert [r[3] for r in train_rows(lines)] == [4] * 3 + [2] * 3 + [1] * 6
+    rows = train_rows(lines)
+    assert [r[3] for r in rows] == sizes
+    assert [r[2] for r in rows] == ["tst" if s > 1 else "ntp" for s in sizes]
     switches = [l for l in lines if "phase switch" in l]
-    assert [s.split()[1] for s in switches] == ["step:3", "step:6"]
+    assert [s.split()[1] for s in switches] == switch_steps
 
 
 def test_resume_inside_a_schedule_continues_with_the_right_bag_sizes(shards, tmp_path):

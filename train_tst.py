@@ -491,9 +491,10 @@ def model_flops_per_token(model, seq_len):
 # Token Superposition Training: the whole method is these functions
 
 def parse_tst_schedule(text, steps):
-    """'8:0.1,4:0.1' -> [(8, 40), (4, 80)] for 400 steps: each bag size and the step its piece ends at.
-    Plain next-token training follows the last piece. '' (TST off) -> []."""
-    phases, fraction = [], 0.0
+    """'8:0.1,4:0.1' -> [(8, 40), (4, 80)] for 400 steps: each piece's bag size and the step it ends at, in order.
+    A piece of bag size 1 is plain next-token training at its place in the run; plain next-token training follows
+    the last piece. A piece that covers no step would silently do nothing: it is refused. '' (TST off) -> []."""
+    phases, fraction, end = [], 0.0, 0
     for piece in filter(None, text.replace(" ", "").split(",")):
         try:
             size, frac = piece.split(":")
@@ -505,13 +506,17 @@ def parse_tst_schedule(text, steps):
         fraction += frac
         if fraction >= 1:
             raise UsageError(f"--tst_schedule {text!r}: fractions sum to {fraction:g}, leaving no next-token phase")
-        phases.append((size, math.floor(fraction * steps + 1e-9)))
-    return [(size, end) for size, end in phases if size > 1]
+        start, end = end, math.floor(fraction * steps + 1e-9)
+        if end == start:
+            raise UsageError(f"TST piece {piece!r} covers no step of {steps} (its fraction x steps rounds down to"
+                             " no new step): raise its fraction or --steps")
+        phases.append((size, end))
+    return phases
 
 
 def superposition_end(phases):
-    """The first step of plain next-token training (0 without TST)."""
-    return phases[-1][1] if phases else 0
+    """The first step of plain next-token training after the last superposition piece (0 without TST)."""
+    return max((end for size, end in phases if size > 1), default=0)
 
 
 def bag_size_at(step, phases):
