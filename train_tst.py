@@ -33,7 +33,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.modules.setdefault("train_tst", sys.modules[__name__])  # data/ imports train_tst: the same module (and UsageError) as this script
 with open(__file__) as _f:
     CODE = _f.read()  # the record log starts with the exact source that produced it
 CODE_SHA = hashlib.sha256(CODE.encode()).hexdigest()[:16]
@@ -52,24 +51,26 @@ class Diverged(Exception):
 # Hyperparameters
 
 PRESETS = {
-    # The modded-nanogpt optimizer benchmark's baseline ("track 3", train_gpt_simple.py): GPT-2 small with
-    # 6 heads of 128, 512 x 1024 = 524,288 tokens a step, Muon and AdamW, 3600 steps to val loss 3.2757.
+    # The modded-nanogpt optimizer benchmark's baseline ("track 3", train_gpt_simple.py at 452cc392, result #36):
+    # GPT-2 small with 6 heads of 128, 512 x 1024 = 524,288 tokens a step, Muon and AdamW, 3250 steps to a mean
+    # val loss of 3.2787 over 10 runs.
     "gpt2": dict(n_layer=12, n_embd=768, n_head=6, seq_len=1024, batch_size=512, micro_batch_size=64,
-                 steps=3600, lr=0.02, embed_lr=0.3, head_lr=1 / 320, scalar_lr=0.01, weight_decay=0.01,
-                 warmup_steps=0, cooldown_frac=0.7, val_every=125, val_tokens=10_485_760, log_every=1,
-                 data_order="sequential"),
+                 steps=3250, lr=0.025, embed_lr=0.7, head_lr=0.004, scalar_lr=0.015, weight_decay=0.05,
+                 adam_weight_decay=0.001, warmup_steps=0, cooldown_frac=0.7, val_every=125, final_val_every=25,
+                 val_tokens=10_485_760, log_every=1, data_order="sequential"),
     # The same architecture and recipe, small enough to train in minutes on two CPU cores; its learning
     # rates are the recipe's times 4, the best of 0.5x-8x in a sweep of the baseline (records/cpu/2026-11-23_lr_sweep).
     "cpu": dict(n_layer=4, n_embd=128, n_head=1, seq_len=256, batch_size=8, micro_batch_size=8,
                 steps=400, lr=0.08, embed_lr=1.2, head_lr=1 / 80, scalar_lr=0.04, weight_decay=0.01,
-                warmup_steps=0, cooldown_frac=0.7, val_every=50, val_tokens=32_768, log_every=10,
+                adam_weight_decay=0.0, warmup_steps=0, cooldown_frac=0.7, val_every=50, final_val_every=0,
+                val_tokens=32_768, log_every=10,
                 data_order="shuffled"),  # a few MB of text: random windows (records/cpu/2026-11-23_crossover)
 }
 VOCAB_SIZE = 50304  # GPT-2's 50257 tokens, padded to a multiple of 128 for fast matmuls
 DTYPES = dict(bf16=torch.bfloat16, fp32=torch.float32)
 COMPILE_FROM_STEPS = 20  # the CPU preset's compiled step saves ~2.4 s (2 threads): its ~40 s warmup pays by step 20
 IGNORE = -100  # target id that no loss counts (F.cross_entropy's ignore_index)
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: Muon's momentum of every matrix, in size order
 
 
 def build_parser():
@@ -107,6 +108,7 @@ def build_parser():
     g.add_argument("--head_lr", type=float, help="peak learning rate of the head's weight (AdamW)")
     g.add_argument("--scalar_lr", type=float, help="peak learning rate of every bias and norm gain (AdamW)")
     g.add_argument("--weight_decay", type=float, help="Muon's decoupled weight decay")
+    g.add_argument("--adam_weight_decay", type=float, help="AdamW's decoupled weight decay (embedding, head, vectors)")
     g.add_argument("--warmup_steps", type=int)
     g.add_argument("--cooldown_frac", type=float, help="fraction of the steps over which the LR decays linearly to 0")
     g.add_argument("--seed", type=int, default=0)
@@ -117,6 +119,7 @@ def build_parser():
     g.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
                    help="activations and embedding table: bf16 as the reference (matmuls on tensor cores / AMX) or fp32")
     g.add_argument("--val_every", type=int, help="validate every K steps (0: only at the start and the end)")
+    g.add_argument("--final_val_every", type=int, help="validate every K steps over the last 10%% too, as track-3 (0: off)")
     g.add_argument("--target_val_loss", type=float, default=None, help="stop at the first validation at or under this loss")
     g.add_argument("--log_every", type=int, help="write a train line every K steps")
     g.add_argument("--log_dir", default="logs")
@@ -143,12 +146,14 @@ def parse_args(argv=None, world_size=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible")
-    on_sample = args.train_files is None and not os.path.isdir(FINEWEB_DIR)
+    on_sample = args.train_files is None and default_shards("train") != fineweb_shards("train")
     if args.preset == "auto":
+        gpt2_baseline = argparse.Namespace(**PRESETS["gpt2"], phases=[], tst_mode="full")
         args.preset = "gpt2" if args.device == "cuda" and not on_sample else "cpu"
         if args.device == "cuda" and on_sample and int(os.environ.get("RANK", 0)) == 0:
             print("note: no FineWeb shards in data/fineweb10B, so this trains the cpu preset on the bundled sample;"
-                  " for GPT-2: python data/cached_fineweb10B.py 19, then the same command", file=sys.stderr)
+                  f" for GPT-2: python data/cached_fineweb10B.py {fineweb_shards_needed(gpt2_baseline)},"
+                  " then the same command", file=sys.stderr)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -172,7 +177,8 @@ def parse_args(argv=None, world_size=None):
     for key in positive:
         if getattr(args, key) <= 0:
             raise UsageError(f"--{key} must be positive, got {getattr(args, key)}")
-    for key in ["warmup_steps", "val_every", "save_every", "weight_decay", "hellaswag", "sample_tokens", "top_k"]:
+    for key in ["warmup_steps", "val_every", "final_val_every", "save_every", "weight_decay", "adam_weight_decay",
+                "hellaswag", "sample_tokens", "top_k"]:
         if getattr(args, key) < 0:
             raise UsageError(f"--{key} must not be negative, got {getattr(args, key)}")
     if not 0 <= args.cooldown_frac <= 1:
@@ -196,9 +202,9 @@ def parse_args(argv=None, world_size=None):
     if args.eval_only and not (args.hellaswag or args.sample_tokens):
         raise UsageError("--eval_only needs --hellaswag N or --sample_tokens N: there is nothing else to do with the model")
     if args.preset == "gpt2" and on_sample and not args.eval_only:
-        shards = sequential_shards(step_windows(args), args.batch_size, [], FINEWEB_SHARD_TOKENS)
         raise UsageError(f"the gpt2 preset trains on FineWeb, which is not in data/fineweb10B: python data/cached_fineweb10B.py"
-                         f" {shards} (what this run reads), or give --train_files and --val_files")
+                         f" {fineweb_shards_needed(args)} (what this run reads), or give --train_files"
+                         " and --val_files")
     return args
 
 
@@ -211,10 +217,14 @@ FINEWEB_DIR = os.path.join(HERE, "data", "fineweb10B")
 FINEWEB_SHARD_TOKENS = 100_000_000
 
 
+def fineweb_shards(split):
+    return os.path.join(FINEWEB_DIR, f"fineweb_{split}_*.bin")
+
+
 def default_shards(split):
-    """FineWeb's layout when data/fineweb10B exists, else the bundled sample."""
-    if os.path.isdir(FINEWEB_DIR):
-        return os.path.join(FINEWEB_DIR, f"fineweb_{split}_*.bin")
+    """FineWeb's shards when data/fineweb10B holds train shards (a failed download leaves none), else the sample."""
+    if glob.glob(fineweb_shards("train")):
+        return fineweb_shards(split)
     return os.path.join(HERE, "data", "sample", f"sample_{split}_*.bin")
 
 
@@ -271,6 +281,11 @@ def sequential_shards(windows, batch_size, shard_lengths, further_shard):
         shard, offset = next_chunk(shard, offset, need, length)
         offset += need - 1
     return shard + 1
+
+
+def fineweb_shards_needed(args):
+    """FineWeb shards this run would read in order (each holds FINEWEB_SHARD_TOKENS)."""
+    return sequential_shards(step_windows(args), args.batch_size, [], FINEWEB_SHARD_TOKENS)
 
 
 def check_token_ids(tokens, vocab_size, path, offset):
@@ -384,14 +399,14 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """RMS norm with a learnable gain, computed in float32."""
+    """RMS norm with a learnable gain, computed in the activations' dtype (the gain cast to it), as the reference."""
 
     def __init__(self, dim):
         super().__init__()
         self.gain = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.size(-1),), self.gain).type_as(x)
+        return F.rms_norm(x, (x.size(-1),), self.gain.type_as(x))
 
 
 class Rotary(nn.Module):
@@ -459,9 +474,15 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(n_embd, n_head, max_len) for _ in range(n_layer)])
         self.head_norm = RMSNorm(n_embd)
         self.lm_head = Linear(n_embd, vocab_size)
-        for layer in [self.lm_head] + [m for b in self.blocks for m in (b.attn.proj, b.mlp.proj)]:
-            nn.init.zeros_(layer.weight)  # every residual branch and the head start as no-ops
-            nn.init.zeros_(layer.bias)
+        for name, p in self.named_parameters():  # the reference's explicit initialisation
+            if name == "wte.weight":
+                nn.init.normal_(p)
+            elif name.endswith(".gain"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias") or name == "lm_head.weight" or name.endswith("proj.weight"):
+                nn.init.zeros_(p)  # every residual branch and the head start as no-ops
+            else:
+                nn.init.normal_(p, std=(0.33 / p.size(-1)) ** 0.5)  # N(0, 0.33 / fan_in)
 
     def logits(self, inputs):
         """inputs (B, T) token ids, or (B, T, s) bags -> float32 logits (B, T, V), smoothly capped to (-15, 15)."""
@@ -599,19 +620,66 @@ def make_batch(tokens, s, args, progress):
 ADAM_EPS_FOR_SUMMED_LOSS = 1e-10
 
 
-def make_optimizers(model, args):
+class Muon(torch.optim.Muon):
+    """torch's Muon with its work split over ranks as the reference splits it: the matrices sorted by size, largest
+    first, rank r updates the r-th of every world_size of them (and keeps their momentum alone), then every rank
+    all-gathers the updated matrices. With one process it is torch's Muon over all of them."""
+
+    def __init__(self, matrices, rank=0, world_size=1, **settings):
+        self.matrices = sorted(matrices, key=lambda p: p.size(), reverse=True)
+        self.rank, self.world_size = rank, world_size
+        super().__init__([dict(params=self.matrices[rank::world_size])], **settings)
+        if world_size > 1:
+            self.register_step_post_hook(lambda opt, args, kwargs: opt.share(opt.matrices))
+
+    @torch.no_grad()
+    def share(self, tensors):
+        """Each block of world_size tensors (in the matrices' order) from the ranks that own them, as flat buffers:
+        one all-gather a block, whatever the shapes in it."""
+        for start in range(0, len(tensors), self.world_size):
+            block = tensors[start:start + self.world_size]
+            width = max(t.numel() for t in block)
+            mine = block[0].new_zeros(width)
+            if self.rank < len(block):
+                mine[:block[self.rank].numel()] = block[self.rank].flatten()
+            gathered = mine.new_empty(self.world_size * width)
+            dist.all_gather_into_tensor(gathered, mine)
+            for i, t in enumerate(block):
+                t.copy_(gathered[i * width:i * width + t.numel()].view_as(t))
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.matrices:  # every matrix has a gradient, not only this rank's
+            p.grad = None
+
+    def state_dict(self):
+        """The momentum of every matrix, gathered from its owner (every rank takes part): a checkpoint resumes on any
+        number of processes."""
+        momentum = [self.state[p]["momentum_buffer"] if p in self.state else torch.zeros_like(p) for p in self.matrices]
+        if self.world_size > 1:
+            self.share(momentum)
+        return dict(momentum=momentum, param_groups=[{k: v for k, v in g.items() if k != "params"}
+                                                     for g in self.param_groups])
+
+    def load_state_dict(self, state):
+        self.param_groups[0].update(state["param_groups"][0])
+        mine = state["momentum"][self.rank::self.world_size]
+        for p, buffer in zip(self.param_groups[0]["params"], mine):
+            self.state[p]["momentum_buffer"] = buffer.to(p.device, copy=True)
+
+
+def make_optimizers(model, args, rank=0, world_size=1):
     """The track-3 recipe: Muon (Nesterov momentum 0.95, 12 Newton-Schulz steps with coefficients (2, -1.5, 0.5),
-    update scaled by sqrt(max(1, rows/cols))) for the blocks' matrices; AdamW (0.8, 0.95), no weight decay,
-    for the embedding, the head's weight and every vector (biases and gains)."""
+    update scaled by sqrt(max(1, rows/cols))) for the blocks' matrices, its work split over the ranks; AdamW
+    (0.8, 0.95), fused, for the embedding, the head's weight and every vector (biases and gains)."""
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]
     adam = torch.optim.AdamW([dict(params=[model.wte.weight], lr=args.embed_lr),
                               dict(params=[model.lm_head.weight], lr=args.head_lr),
                               dict(params=vectors, lr=args.scalar_lr)],
                              betas=(0.8, 0.95), eps=ADAM_EPS_FOR_SUMMED_LOSS / (args.batch_size * args.seq_len),
-                             weight_decay=0.0, fused=model.wte.weight.is_cuda)
-    muon = torch.optim.Muon(matrices, lr=args.lr, weight_decay=args.weight_decay, momentum=0.95, nesterov=True,
-                            ns_coefficients=(2.0, -1.5, 0.5), ns_steps=12, adjust_lr_fn="original")
+                             weight_decay=args.adam_weight_decay, fused=True)
+    muon = Muon(matrices, rank, world_size, lr=args.lr, weight_decay=args.weight_decay, momentum=0.95, nesterov=True,
+                ns_coefficients=(2.0, -1.5, 0.5), ns_steps=12, adjust_lr_fn="original")
     optimizers = [adam, muon]
     for opt in optimizers:
         for group in opt.param_groups:
@@ -625,6 +693,12 @@ def lr_multiplier(step, args):
         return (step + 1) / args.warmup_steps
     cooldown = args.cooldown_frac * args.steps
     return min(1.0, (args.steps - step) / cooldown) if cooldown > 0 else 1.0
+
+
+def val_due(step, args):
+    """Validate at the start, at the end, every val_every steps, and every final_val_every over the last 10%."""
+    every = args.final_val_every if args.final_val_every and 10 * step >= 9 * args.steps else args.val_every
+    return step in (0, args.steps) or (every > 0 and step % every == 0)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -785,7 +859,7 @@ def run_settings(args):
     return {k: v for k, v in vars(args).items() if k != "phases"}
 
 
-RESUMABLE_ANYWAY = {"resume", "run_id", "log_dir", "save_every", "val_every", "log_every", "compile", "device", "allow_repeat",
+RESUMABLE_ANYWAY = {"resume", "run_id", "log_dir", "save_every", "val_every", "final_val_every", "log_every", "compile", "device", "allow_repeat",
                     "hellaswag", "sample_tokens", "sample_prompt", "temperature", "top_k", "eval_only",
                     "target_val_loss", "micro_batch_size", "train_files", "val_files", "peak_tflops", "preset"}
 
@@ -846,7 +920,7 @@ def train(args):
 
     raw_model = GPT(**model_config(args), dtype=DTYPES[args.dtype]).to(device)
     model, train_model, warmup_notes = fit_micro_batch(raw_model, args, val_windows, world_size, device)
-    optimizers = make_optimizers(raw_model, args)
+    optimizers = make_optimizers(raw_model, args, rank, world_size)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)  # the peak of training, not of a warmup that ran out of memory
     accum = args.batch_size // (world_size * args.micro_batch_size)
@@ -885,7 +959,7 @@ def train(args):
 
             # --- validate (plain next-token loss, whatever the phase)
             fresh_point = step > start_step or resume_state is None or step == args.steps  # a resumed run's first point was logged before
-            if fresh_point and (step in (0, args.steps) or (args.val_every and step % args.val_every == 0)):
+            if fresh_point and val_due(step, args):
                 val_loss = evaluate(model, val_windows, args.micro_batch_size, device)
                 if not math.isfinite(val_loss):
                     raise Diverged(f"non-finite val loss at step {step}")
@@ -903,10 +977,11 @@ def train(args):
                 if not all(torch.isfinite(p).all() for p in raw_model.parameters()):  # an update can poison the weights
                     raise Diverged(f"non-finite weights after step {step}; last good checkpoint: {last_ckpt or 'none'}")
                 last_ckpt = os.path.join(ckpt_dir, f"step_{step:06d}.pt")
+                optimizer_states = [o.state_dict() for o in optimizers]  # every rank: Muon's momentum is gathered
                 if master:
                     save_checkpoint(last_ckpt, dict(format=CHECKPOINT_FORMAT, code_sha=CODE_SHA, args=run_settings(args),
                                                     run_id=args.run_id, step=step, train_ms=train_ms, tokens_seen=tokens_seen,
-                                                    model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                                                    model=raw_model.state_dict(), optimizers=optimizer_states,
                                                     loader=loader.state_dict(), rng_cpu=torch.get_rng_state()))
                 log.line(f"checkpoint: step:{step} {reason} {last_ckpt}")
             if step == args.steps or reached:
@@ -974,11 +1049,18 @@ def data_module(name):
 
 
 def gpt2_encoding():
-    return data_module("prepare").gpt2_encoding()
+    prepare = data_module("prepare")
+    try:
+        return prepare.gpt2_encoding()
+    except prepare.DataError as e:
+        raise UsageError(str(e)) from None
 
 
 def load_hellaswag(n):
-    return data_module("hellaswag").load_items(n)
+    try:
+        return data_module("hellaswag").load_items(n)
+    except data_module("prepare").DataError as e:
+        raise UsageError(str(e)) from None
 
 
 @torch.no_grad()

@@ -4,31 +4,25 @@
     python data/cached_fineweb10B.py 9 --dataset finewebedu10B   # a sister set, into data/finewebedu10B/
 
 Each shard is about 100M tokens (about 200 MB). Shards already present and whole are skipped without any
-network access; a truncated or corrupt one (bad header or size) is reported and fetched again.
+network access; a truncated or corrupt one (bad header or size) is reported and fetched again. A shard is
+downloaded into a staging folder beside the target (data/fineweb10B.partial/) and moved into place only once
+it is whole, so a failed or interrupted download never leaves a shard, or an empty data/fineweb10B/, that
+train_tst.py would pick up.
 """
 import argparse
 import os
+import shutil
 import sys
 
 from huggingface_hub import hf_hub_download
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_tst import UsageError, read_shard  # noqa: E402  the trainer's own shard check
+from prepare import shard_problem
 
 DATASETS = {  # name: (hub dataset, file prefix, train shards)
     "fineweb10B": ("kjj0/fineweb10B-gpt2", "fineweb", 103),
     "fineweb100B": ("kjj0/fineweb100B-gpt2", "fineweb", 1030),
     "finewebedu10B": ("kjj0/finewebedu10B-gpt2", "finewebedu", 103),
 }
-
-
-def shard_problem(path):
-    """None when the shard at path is whole, else why not."""
-    try:
-        read_shard(path)
-    except UsageError as e:
-        return str(e)
-    return None
 
 
 def fetch(repo_id, filename, local_dir):
@@ -40,19 +34,22 @@ def fetch(repo_id, filename, local_dir):
             return "present"
         print(f"{problem}; fetching it again", file=sys.stderr)
         os.remove(path)
+    staging = local_dir.rstrip(os.sep) + ".partial"
     for attempt in range(2):
         try:
-            hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", local_dir=local_dir,
-                            force_download=attempt > 0)
+            staged = hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", local_dir=staging,
+                                     force_download=attempt > 0)
         except Exception as e:  # offline, DNS, HTTP errors, missing file: all end the same way
             raise RuntimeError(f"could not download {filename} from the Hugging Face dataset {repo_id}"
                                f" ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        problem = shard_problem(path)
+        problem = shard_problem(staged)
         if problem is None:
+            os.makedirs(local_dir, exist_ok=True)
+            os.replace(staged, path)
             return "downloaded"
         print(f"{problem}; fetching it again", file=sys.stderr)
-        os.remove(path)
-    raise RuntimeError(f"{path}: still corrupt after downloading twice ({problem})")
+        os.remove(staged)
+    raise RuntimeError(f"{filename}: still corrupt after downloading twice ({problem})")
 
 
 def main(argv=None):
@@ -73,6 +70,7 @@ def main(argv=None):
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    shutil.rmtree(local_dir.rstrip(os.sep) + ".partial", ignore_errors=True)  # the hub's metadata of finished downloads
     print(f"{local_dir}: {results.count('downloaded')} shards downloaded, {results.count('present')} already present")
     return 0
 

