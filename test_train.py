@@ -1597,8 +1597,8 @@ def test_hellaswag_scores_a_model_rigged_for_the_right_endings_1_and_against_the
     items = [(d["ctx"], d["endings"], int(d["label"])) for d in HELLASWAG_ITEMS]
     tokens = lambda keep: {t for c, e, label in items for i, x in enumerate(e) if keep(i, label) for t in enc.encode(" " + x)}
     right, wrong = tokens(lambda i, label: i == label), tokens(lambda i, label: i != label)
-    assert T.hellaswag_counts(Rigged(right - wrong), items, enc, torch.device("cpu")) == (3, 3)
-    assert T.hellaswag_counts(Rigged(wrong - right), items, enc, torch.device("cpu")) == (0, 0)
+    assert hellaswag.hellaswag_counts(Rigged(right - wrong), items, enc, torch.device("cpu")) == (3, 3)
+    assert hellaswag.hellaswag_counts(Rigged(wrong - right), items, enc, torch.device("cpu")) == (0, 0)
 
 
 def test_hellaswag_padding_and_masking_match_a_row_by_row_loop():
@@ -1607,7 +1607,7 @@ def test_hellaswag_padding_and_masking_match_a_row_by_row_loop():
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)  # not the zero-initialised head: endings must score differently
     items = [(d["ctx"], d["endings"], int(d["label"])) for d in HELLASWAG_ITEMS]
-    summed, counts = T.ending_losses(model, items, enc, torch.device("cpu"))
+    summed, counts = hellaswag.ending_losses(model, items, enc, torch.device("cpu"))
     for i, (context, endings, _) in enumerate(items):
         for j, ending in enumerate(endings):
             c, e = enc.encode(context), enc.encode(" " + ending)
@@ -1623,15 +1623,16 @@ def test_generation_follows_the_training_forward_pass():
         torch.nn.init.normal_(p, std=0.1)
     tokens = torch.randint(VOCAB, (1, 12))
     full = model.logits(tokens)
-    for k in range(1, 13):
-        assert torch.allclose(T.next_token_logits(model, tokens[:, :k]), full[:, k - 1], atol=1e-5)
+    for k in range(1, 13):  # causal: a prefix's last logits are the full window's at that position
+        assert torch.allclose(model.logits(tokens[:, :k])[:, -1], full[:, k - 1], atol=1e-5)
     loss = model(tokens[:, :-1], tokens[:, 1:])  # the training loss is the cross-entropy of these distributions
     assert loss.item() == pytest.approx(F.cross_entropy(full[0, :-1], tokens[0, 1:]).item(), rel=1e-5)
-    greedy = T.generate(model, [1, 2, 3], 5, 1e-4, 1, seed=0, device=torch.device("cpu"))  # top-1 is argmax
-    seq = [1, 2, 3]
-    for _ in range(5):
-        seq.append(int(T.next_token_logits(model, torch.tensor([seq])).argmax()))
-    assert greedy == seq[3:]
+    for prompt in ([1, 2, 3], list(range(20))):  # past max_len (16) each token sees the last 16 only
+        greedy = model.generate(prompt, 5, 1e-4, 1, seed=0)  # top-1 is argmax
+        seq = list(prompt)
+        for _ in range(5):
+            seq.append(int(model.logits(torch.tensor([seq[-16:]]))[0, -1].argmax()))
+        assert greedy == seq[len(prompt):]
 
 
 def test_a_run_samples_exports_and_the_export_samples_the_same_without_training_state(shards, tmp_path, capsys):
@@ -1659,7 +1660,7 @@ def test_sampling_never_picks_the_padding_ids_past_the_tokenizer():
     model = T.GPT(VOCAB, 1, 32, 2, 16, torch.float32)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=1.0)
-    ids = T.generate(model, [1], 40, 2.0, 0, seed=0, device=torch.device("cpu"), n_vocab=5)
+    ids = model.generate([1], 40, 2.0, 0, seed=0, n_vocab=5)
     assert len(ids) == 40 and max(ids) < 5
 
 

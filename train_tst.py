@@ -4,13 +4,15 @@ TST (Peng, Gigant, Quesnelle, arXiv 2605.06546): for the first fraction r of the
 bags of s contiguous tokens (each position's input is the mean of its s token embeddings) and learns to
 predict the next bag with a multi-hot cross-entropy; after that it trains as a plain next-token GPT with
 the same weights, optimizer state and learning-rate schedule. A step costs the same FLOPs either way, but
-a superposition step reads s times the text. With --tst_s 1 (the default) this is the plain baseline.
+a superposition step reads s times the text. With --tst_s 1 (the default) this is the plain baseline:
+modded-nanogpt's track-3 train_gpt_simple.py, result #36.
 
-    python train_tst.py --tst_s 4                               # CPU preset, bundled sample
+    python train_tst.py --tst_s 4                                      # CPU preset, bundled sample
     torchrun --standalone --nproc_per_node=8 train_tst.py --tst_s 8    # the track-3 GPT-2 baseline on FineWeb
 
-Read top to bottom: hyperparameters, data, model, TST, optimizer and schedule, training loop, HellaSwag and
-samples of the final model, logging.
+Read top to bottom: presets and flags, data, model, TST, optimizer and schedule, the training loop. Below
+the banner after it, the harness, which never changes a loss: checks, warmup and the out-of-memory fit,
+signals, checkpoints, the record log, evaluation of the final model.
 """
 import argparse
 import contextlib
@@ -48,7 +50,7 @@ class Diverged(Exception):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Hyperparameters
+# Presets and flags
 
 PRESETS = {
     # The modded-nanogpt optimizer benchmark's baseline ("track 3", train_gpt_simple.py at 452cc392, result #36):
@@ -59,7 +61,7 @@ PRESETS = {
                  adam_weight_decay=0.001, warmup_steps=0, cooldown_frac=0.7, val_every=125, final_val_every=25,
                  val_tokens=10_485_760, log_every=1, data_order="sequential"),
     # The same architecture and recipe, small enough to train in minutes on two CPU cores; its learning
-    # rates are the recipe's times 4, the best of 0.5x-8x in a sweep of the baseline (records/cpu/2026-11-23_lr_sweep).
+    # rates are the result #1 recipe's times 4, the best of 0.5x-8x in a sweep (records/cpu/2026-11-23_lr_sweep).
     "cpu": dict(n_layer=4, n_embd=128, n_head=1, seq_len=256, batch_size=8, micro_batch_size=8,
                 steps=400, lr=0.08, embed_lr=1.2, head_lr=1 / 80, scalar_lr=0.04, weight_decay=0.01,
                 adam_weight_decay=0.0, warmup_steps=0, cooldown_frac=0.7, val_every=50, final_val_every=0,
@@ -70,17 +72,16 @@ VOCAB_SIZE = 50304  # GPT-2's 50257 tokens, padded to a multiple of 128 for fast
 DTYPES = dict(bf16=torch.bfloat16, fp32=torch.float32)
 COMPILE_FROM_STEPS = 20  # the CPU preset's compiled step saves ~2.4 s (2 threads): its ~40 s warmup pays by step 20
 IGNORE = -100  # target id that no loss counts (F.cross_entropy's ignore_index)
-CHECKPOINT_FORMAT = 2  # 2: Muon's momentum of every matrix, in size order
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Flags without a default take the preset's value.")
     g = p.add_argument_group("data")
-    g.add_argument("--train_files", default=None, help="glob of train shards (default: data/fineweb10B, else the bundled sample)")
-    g.add_argument("--val_files", default=None, help="glob of val shards (same default)")
-    g.add_argument("--val_tokens", type=int, help="size of the fixed validation slice (preset)")
+    g.add_argument("--train_files", help="glob of train shards (default: data/fineweb10B, else the bundled sample)")
+    g.add_argument("--val_files", help="glob of val shards (same default)")
+    g.add_argument("--val_tokens", type=int, help="size of the fixed validation slice")
     g.add_argument("--data_order", choices=["sequential", "shuffled"],
-                   help="sequential: the speedrun's walk through the shards; shuffled: windows at random positions drawn from --seed (preset)")
+                   help="sequential: the speedrun's walk through the shards; shuffled: windows at random positions")
     g.add_argument("--allow_repeat", action="store_true",
                    help="let a sequential run read its shards again when it runs out (it stops before any work otherwise)")
     g = p.add_argument_group("model")
@@ -94,52 +95,56 @@ def build_parser():
     g = p.add_argument_group("token superposition (TST)")
     g.add_argument("--tst_s", type=int, default=1, help="bag size s; 1 turns TST off")
     g.add_argument("--tst_r", type=float, default=0.3, help="fraction of the steps in the superposition phase")
-    g.add_argument("--tst_schedule", default=None, help='piecewise bag sizes "s:fraction,...", e.g. "8:0.1,4:0.1,2:0.1"; replaces --tst_s/--tst_r')
+    g.add_argument("--tst_schedule", help='bag sizes piece by piece, "s:fraction,...", e.g. "8:0.1,4:0.1,2:0.1";'
+                                          " replaces --tst_s/--tst_r")
     g.add_argument("--tst_mode", choices=["full", "input", "output"], default="full",
                    help="full: bags in, next bag out; input: bags in, next token out; output: tokens in, next s tokens out")
-    g.add_argument("--tst_weights", choices=["uniform", "power"], default="uniform", help="weights of the bag slots in the loss (power: 1/i)")
-    g.add_argument("--mtp_k", type=int, default=1, help="after TST, also predict the next k tokens from the same logits, weights annealed to plain next-token (1: off)")
+    g.add_argument("--tst_weights", choices=["uniform", "power"], default="uniform",
+                   help="weights of the bag slots in the loss (power: 1/i)")
+    g.add_argument("--mtp_k", type=int, default=1, help="after TST, also predict the next k tokens from the same"
+                                                         " logits, weights annealed to plain next-token (1: off)")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, help="optimizer steps, N")
     g.add_argument("--batch_size", type=int, help="sequences per step, over all processes")
-    g.add_argument("--micro_batch_size", type=int, help="sequences per forward pass and process (gradient accumulation makes up the rest)")
+    g.add_argument("--micro_batch_size", type=int, help="sequences per forward pass and process")
     g.add_argument("--lr", type=float, help="peak learning rate of Muon (the blocks' matrices)")
     g.add_argument("--embed_lr", type=float, help="peak learning rate of the embedding table (AdamW)")
     g.add_argument("--head_lr", type=float, help="peak learning rate of the head's weight (AdamW)")
     g.add_argument("--scalar_lr", type=float, help="peak learning rate of every bias and norm gain (AdamW)")
     g.add_argument("--weight_decay", type=float, help="Muon's decoupled weight decay")
-    g.add_argument("--adam_weight_decay", type=float, help="AdamW's decoupled weight decay (embedding, head, vectors)")
+    g.add_argument("--adam_weight_decay", type=float, help="AdamW's decoupled weight decay")
     g.add_argument("--warmup_steps", type=int)
     g.add_argument("--cooldown_frac", type=float, help="fraction of the steps over which the LR decays linearly to 0")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("speedrun, logging and checkpoints")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when a GPU is visible")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help=f"torch.compile (default: on with CUDA, or for {COMPILE_FROM_STEPS}+ steps on CPU)")
     g.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
-                   help="activations and embedding table: bf16 as the reference (matmuls on tensor cores / AMX) or fp32")
+                   help="activations and embedding table: bf16 as the reference (tensor cores / AMX) or fp32")
     g.add_argument("--val_every", type=int, help="validate every K steps (0: only at the start and the end)")
-    g.add_argument("--final_val_every", type=int, help="validate every K steps over the last 10%% too, as track-3 (0: off)")
-    g.add_argument("--target_val_loss", type=float, default=None, help="stop at the first validation at or under this loss")
+    g.add_argument("--final_val_every", type=int, help="validate every K steps over the last 10%% too (0: off)")
+    g.add_argument("--target_val_loss", type=float, help="stop at the first validation at or under this loss")
     g.add_argument("--log_every", type=int, help="write a train line every K steps")
     g.add_argument("--log_dir", default="logs")
-    g.add_argument("--run_id", default=None, help="log name (default: time and settings)")
-    g.add_argument("--save_every", type=int, default=0, help="checkpoint every K steps (0: only at phase switches and the end)")
-    g.add_argument("--resume", default=None, help="checkpoint to continue from (same flags otherwise)")
+    g.add_argument("--run_id", help="log name (default: time and settings)")
+    g.add_argument("--save_every", type=int, default=0, help="checkpoint every K steps (0: only at switches and the end)")
+    g.add_argument("--resume", help="checkpoint to continue from (same flags otherwise)")
     g.add_argument("--peak_tflops", type=float, default=989.0, help="accelerator bf16 peak for MFU (H100 SXM: 989)")
     g = p.add_argument_group("beyond val loss: HellaSwag and samples of the final model")
-    g.add_argument("--hellaswag", type=int, default=0, help="score the first N HellaSwag validation items (10042: all; 0: off)")
-    g.add_argument("--sample_tokens", type=int, default=0, help="write a sample of N tokens into the record log (0: off)")
+    g.add_argument("--hellaswag", type=int, default=0, help="score the first N HellaSwag items (10042: all; 0: off)")
+    g.add_argument("--sample_tokens", type=int, default=0, help="write a sample of N tokens into the record log")
     g.add_argument("--sample_prompt", default="The meaning of life is")
     g.add_argument("--temperature", type=float, default=0.8)
     g.add_argument("--top_k", type=int, default=50, help="sample from the k most likely tokens (0: all)")
-    g.add_argument("--eval_only", default=None, metavar="MODEL",
+    g.add_argument("--eval_only", metavar="MODEL",
                    help="no training: score and sample a checkpoint or an exported model.pt with the flags above")
     return p
 
 
 def parse_args(argv=None, world_size=None):
-    """Resolve the preset, fill defaults and reject impossible values before any work starts."""
+    """The flags, the preset's values where a flag is not given, and the defaults that depend on the machine;
+    check_args (below the banner) then rejects what cannot run, before any work."""
     args = build_parser().parse_args(argv)
     world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
     if args.device == "auto":
@@ -161,50 +166,13 @@ def parse_args(argv=None, world_size=None):
         args.micro_batch_size = max(1, args.batch_size // world_size)
     if args.compile is None:
         args.compile = args.device == "cuda" or args.steps >= COMPILE_FROM_STEPS
-    for pattern, split in (("train_files", "train"), ("val_files", "val")):
-        if getattr(args, pattern) is None:
-            setattr(args, pattern, default_shards(split))
+    args.train_files = args.train_files or default_shards("train")
+    args.val_files = args.val_files or default_shards("val")
     if args.tst_schedule is None:
         args.tst_schedule = f"{args.tst_s}:{args.tst_r}" if args.tst_s > 1 else ""
     elif args.tst_s != 1:
         raise UsageError("give either --tst_schedule or --tst_s/--tst_r, not both")
-    if not 0 <= args.tst_r < 1:
-        raise UsageError(f"--tst_r must be in [0, 1), got {args.tst_r}")
-    if args.tst_s < 1:
-        raise UsageError(f"--tst_s must be at least 1, got {args.tst_s}")
-    positive = ["n_layer", "n_embd", "n_head", "steps", "batch_size", "micro_batch_size", "val_tokens",
-                "log_every", "mtp_k", "lr", "embed_lr", "head_lr", "scalar_lr", "peak_tflops", "temperature"]
-    for key in positive:
-        if getattr(args, key) <= 0:
-            raise UsageError(f"--{key} must be positive, got {getattr(args, key)}")
-    for key in ["warmup_steps", "val_every", "final_val_every", "save_every", "weight_decay", "adam_weight_decay",
-                "hellaswag", "sample_tokens", "top_k"]:
-        if getattr(args, key) < 0:
-            raise UsageError(f"--{key} must not be negative, got {getattr(args, key)}")
-    if not 0 <= args.cooldown_frac <= 1:
-        raise UsageError(f"--cooldown_frac must be in [0, 1], got {args.cooldown_frac}")
-    if args.seq_len < 2:
-        raise UsageError(f"--seq_len must be at least 2, got {args.seq_len}")
-    if not 2 <= args.vocab_size <= 65536:
-        raise UsageError(f"--vocab_size must be in [2, 65536] (shards hold uint16 ids), got {args.vocab_size}")
-    if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 4:
-        raise UsageError(f"--n_embd {args.n_embd} must split into --n_head {args.n_head} heads of a size divisible by 4")
-    if args.batch_size % (world_size * args.micro_batch_size):
-        raise UsageError(f"--batch_size {args.batch_size} must be a multiple of {world_size} processes"
-                         f" x --micro_batch_size {args.micro_batch_size}")
-    if args.val_tokens % (world_size * args.seq_len):
-        raise UsageError(f"--val_tokens {args.val_tokens} must be a multiple of {world_size} processes x --seq_len {args.seq_len}")
-    if args.target_val_loss is not None and args.target_val_loss <= 0:
-        raise UsageError(f"--target_val_loss must be positive, got {args.target_val_loss}")
-    args.phases = parse_tst_schedule(args.tst_schedule, args.steps)
-    if args.sample_tokens and not args.sample_prompt:
-        raise UsageError("--sample_prompt must not be empty")
-    if args.eval_only and not (args.hellaswag or args.sample_tokens):
-        raise UsageError("--eval_only needs --hellaswag N or --sample_tokens N: there is nothing else to do with the model")
-    if args.preset == "gpt2" and on_sample and not args.eval_only:
-        raise UsageError(f"the gpt2 preset trains on FineWeb, which is not in data/fineweb10B: python data/cached_fineweb10B.py"
-                         f" {fineweb_shards_needed(args)} (what this run reads), or give --train_files"
-                         " and --val_files")
+    check_args(args, world_size, on_sample)
     return args
 
 
@@ -270,24 +238,6 @@ def sequential_chunk(batch_size, window):
     return batch_size * (window - 1) + 1
 
 
-def sequential_shards(windows, batch_size, shard_lengths, further_shard):
-    """How many shards the sequential walk enters to read a step of `batch_size` windows of each length in
-    `windows`: the given shards in order, then shards of `further_shard` tokens. More than the given shards
-    means a run on them would start over at the first (read some text twice)."""
-    length = lambda i: shard_lengths[i] if i < len(shard_lengths) else further_shard
-    shard = offset = 0
-    for window in windows:
-        need = sequential_chunk(batch_size, window)
-        shard, offset = next_chunk(shard, offset, need, length)
-        offset += need - 1
-    return shard + 1
-
-
-def fineweb_shards_needed(args):
-    """FineWeb shards this run would read in order (each holds FINEWEB_SHARD_TOKENS)."""
-    return sequential_shards(step_windows(args), args.batch_size, [], FINEWEB_SHARD_TOKENS)
-
-
 def check_token_ids(tokens, vocab_size, path, offset):
     """Ids at or past the vocabulary would index past the embedding table: refuse them by name."""
     top = int(tokens.max())
@@ -319,19 +269,13 @@ class ShardLoader:
     def chunk_tokens(self, window):
         return sequential_chunk(self.batch_size, window) if self.order == "sequential" else window
 
-    def check_fits(self, window):
-        need, longest = self.chunk_tokens(window), max(len(s) for s in self.shards)
-        if need > longest:
-            what = f"{self.batch_size} windows of {window}" if self.order == "sequential" else f"windows of {window}"
-            raise UsageError(f"a step needs {need} consecutive tokens ({what}) but the"
-                             f" longest train shard holds {longest}: lower --batch_size, --seq_len or the bag size")
-
     def next_batch(self, window):
         """This rank's windows of the next step, an int64 tensor (batch_size / world_size, window)."""
         if self.order == "shuffled":
             return self.random_windows(window)
         need, n = self.chunk_tokens(window), len(self.shards)
-        walked, self.offset = next_chunk(self.epoch * n + self.shard, self.offset, need, lambda i: len(self.shards[i % n]))
+        walked, self.offset = next_chunk(self.epoch * n + self.shard, self.offset, need,
+                                         lambda i: len(self.shards[i % n]))
         self.epoch, self.shard = divmod(walked, n)
         chunk = self.shards[self.shard][self.offset:self.offset + need]
         check_token_ids(chunk, self.vocab_size, self.files[self.shard], self.offset)
@@ -381,7 +325,7 @@ def load_val_windows(pattern, n_tokens, seq_len, rank, world_size, vocab_size):
 
 # -----------------------------------------------------------------------------------------------------
 # Model: the track-3 GPT (biased linears, RMSNorm with gains, QK-norm, half-truncated RoPE, ReLU^2,
-# untied head with soft-capped logits, output projections initialised to zero)
+# untied head with soft-capped logits, output projections and head initialised to zero)
 
 ATTENTION_SCALE = 0.12  # the reference's, in place of 1/sqrt(head_dim)
 LOGIT_CAP = 15.0
@@ -469,7 +413,7 @@ class GPT(nn.Module):
     def __init__(self, vocab_size, n_layer, n_embd, n_head, max_len, dtype=torch.bfloat16):
         super().__init__()
         self.max_len = max_len
-        self.wte = nn.Embedding(vocab_size, n_embd).to(dtype)  # N(0, 1); its dtype is the activations' dtype
+        self.wte = nn.Embedding(vocab_size, n_embd).to(dtype)  # its dtype is the activations' dtype
         self.embed_norm = RMSNorm(n_embd)
         self.blocks = nn.ModuleList([Block(n_embd, n_head, max_len) for _ in range(n_layer)])
         self.head_norm = RMSNorm(n_embd)
@@ -500,6 +444,27 @@ class GPT(nn.Module):
         if targets.dim() == 2:
             return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=IGNORE)
         return multi_hot_cross_entropy(logits.view(-1, V), targets.reshape(-1, targets.size(-1)), slot_weights)
+
+    @torch.no_grad()
+    def generate(self, prompt, n_new, temperature, top_k, seed, n_vocab=None):
+        """n_new token ids after `prompt`, sampled one at a time through the training forward pass over the last
+        max_len tokens (no KV cache: short and plain), never from the padding ids at or past n_vocab."""
+        self.eval()
+        generator = torch.Generator(device=self.wte.weight.device).manual_seed(seed)
+        tokens = torch.tensor([prompt], device=self.wte.weight.device)
+        for _ in range(n_new):
+            logits = self.logits(tokens[:, -self.max_len:])[0, -1] / temperature
+            if n_vocab:
+                logits[n_vocab:] = -math.inf
+            if top_k:
+                logits[logits < logits.topk(min(top_k, logits.numel())).values[-1]] = -math.inf
+            tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1, generator=generator)[None]], dim=1)
+        return tokens[0, len(prompt):].tolist()
+
+
+def model_config(args):
+    return dict(vocab_size=args.vocab_size, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
+                max_len=args.seq_len)
 
 
 def model_flops_per_token(model, seq_len):
@@ -541,7 +506,7 @@ def superposition_end(phases):
 
 
 def bag_size_at(step, phases):
-    """The bag size s of a step; 1 once the superposition pieces are over."""
+    """The bag size s of a step; 1 once the pieces are over."""
     return next((size for size, end in phases if step < end), 1)
 
 
@@ -576,8 +541,8 @@ def multi_hot_cross_entropy(logits, targets, weights=None):
     vocabulary, then a stock NLL per slot: torch.compile fuses it as well as one cross-entropy, where a gather
     of the s columns costs about half as much again."""
     log_probs = F.log_softmax(logits.float(), dim=-1)
-    per_slot = torch.stack([F.nll_loss(log_probs, slot, ignore_index=IGNORE, reduction="sum") / (slot != IGNORE).sum().clamp(min=1)
-                            for slot in targets.unbind(1)])
+    per_slot = torch.stack([F.nll_loss(log_probs, slot, ignore_index=IGNORE, reduction="sum")
+                            / (slot != IGNORE).sum().clamp(min=1) for slot in targets.unbind(1)])
     if weights is None:
         return per_slot.mean()
     return (per_slot * weights).sum() / weights.sum()
@@ -598,13 +563,17 @@ def mtp_weights(k, progress, device):
     return w
 
 
-def make_batch(tokens, s, args, progress):
-    """Model inputs, targets and slot weights of one step from its token windows."""
+def batch_for(step, windows, args, device):
+    """Model inputs, targets and slot weights of a step from its token windows, on the device. With s = 1 and
+    mtp_k = 1 this is the baseline's next-token batch."""
+    tokens, s = windows.to(device, non_blocking=True), bag_size_at(step, args.phases)
     if s == 1 and args.mtp_k == 1:
         return tokens[:, :-1], tokens[:, 1:], None
     if s == 1:
-        return tokens[:, :-1], next_tokens(tokens, args.mtp_k), mtp_weights(args.mtp_k, progress, tokens.device)
-    weights = slot_weights(s, args.tst_weights, tokens.device)
+        phase_end = superposition_end(args.phases)
+        progress = (step - phase_end) / max(1, args.steps - phase_end)
+        return tokens[:, :-1], next_tokens(tokens, args.mtp_k), mtp_weights(args.mtp_k, progress, device)
+    weights = slot_weights(s, args.tst_weights, device)
     if args.tst_mode == "output":
         return tokens[:, :-1], next_tokens(tokens, s), weights
     inputs, targets = make_bags(tokens, s)
@@ -683,7 +652,7 @@ def make_optimizers(model, args, rank=0, world_size=1):
     optimizers = [adam, muon]
     for opt in optimizers:
         for group in opt.param_groups:
-            group["peak_lr"] = group["lr"]
+            group["peak_lr"] = group["lr"]  # the reference's initial_lr
     return optimizers
 
 
@@ -702,68 +671,12 @@ def val_due(step, args):
 
 
 # -----------------------------------------------------------------------------------------------------
-# Training loop: set-up (data checks, model, micro-batch and compile warmup, optimizers) before the clock
-# starts, then one loop whose sections are validate, checkpoint/stop, train and log.
-
-def setup_distributed(device_type):
-    """torchrun sets RANK/WORLD_SIZE: NCCL on GPUs, gloo on CPU. Without it, one process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device_type)
-    cuda = device_type == "cuda"
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def all_reduce_sum(values, device):
-    """Sum floats or 0-d tensors over ranks; one collective and one host sync (a step's loss and stop flag travel together)."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def step_windows(args):
-    """The window length each step reads, in order (s*T+1 tokens in a superposition step that reads bags)."""
-    return [window_tokens(bag_size_at(step, args.phases), args.tst_mode, args.seq_len) for step in range(args.steps)]
-
-
-def data_summary(loader, args):
-    """The log's `data:` line: the train tokens the run reads against what its shards hold. A sequential run that
-    would run out of shards and start over stops here, before any work, unless --allow_repeat says so."""
-    windows, lengths = step_windows(args), [len(s) for s in loader.shards]
-    reads, holds = args.batch_size * sum(w - 1 for w in windows), sum(lengths)
-    line = f"data: {reads:,} train tokens read of {holds:,} in {len(lengths)} shards, {args.data_order}: {reads / holds:.2f} epochs"
-    if args.data_order == "shuffled":
-        return line
-    needed = sequential_shards(windows, args.batch_size, lengths, max(lengths))
-    if needed <= len(lengths):
-        return line + f", shards 1-{needed} once each"
-    if not args.allow_repeat:
-        raise UsageError(f"this sequential run reads {reads:,} tokens, more than its {len(lengths)} train shards give (tails shorter"
-                         f" than a step skipped): it needs {needed} shards (FineWeb: python data/cached_fineweb10B.py {needed}),"
-                         " or --allow_repeat to read them again")
-    return line + f", starting over at shard 1 after shard {len(lengths)} (--allow_repeat)"
-
-
-def bag_sizes(args):
-    return sorted({size for size, _ in args.phases} | {1})
-
-
-def batch_for(step, windows, args, device):
-    """Inputs, targets and slot weights of a step from its token windows, on the device."""
-    phase_end = superposition_end(args.phases)
-    progress = (step - phase_end) / max(1, args.steps - phase_end)
-    return make_batch(windows.to(device, non_blocking=True), bag_size_at(step, args.phases), args, progress)
-
+# Training
 
 def train_step(model, optimizers, inputs, targets, weights, accum, lr_mult):
     """One optimizer step over `accum` micro-batches; DDP all-reduces only on the last one."""
     total = 0.0
-    micro = zip(inputs.chunk(accum), targets.chunk(accum))
-    for i, (x, y) in enumerate(micro):
+    for i, (x, y) in enumerate(zip(inputs.chunk(accum), targets.chunk(accum))):
         sync = i == accum - 1 or not isinstance(model, DDP)
         with contextlib.nullcontext() if sync else model.no_sync():
             loss = model(x, y, weights) / accum
@@ -790,10 +703,237 @@ def val_loss_sum(model, val_windows, micro_batch_size, device):
 
 
 def evaluate(model, val_windows, micro_batch_size, device):
-    """Plain next-token loss on the fixed val slice, averaged over all ranks' windows."""
-    loss_sum, count = all_reduce_sum([val_loss_sum(model, val_windows, micro_batch_size, device), len(val_windows)], device)
+    """Plain next-token loss on the fixed val slice, averaged over all ranks' windows, whatever the phase."""
+    loss_sum, count = all_reduce_sum([val_loss_sum(model, val_windows, micro_batch_size, device), len(val_windows)],
+                                     device)
     return loss_sum / count
 
+
+def train(args, stop, run):
+    """Set-up before the clock (every check of the input on every rank, the compile warmup, the optimizers), then
+    track-3's loop: a validation, a checkpoint and a training section a step. `run` closes the log and the
+    process group however the run ends; `stop` holds the stop signals caught."""
+    rank, world_size, device = run.enter_context(process_group(args.device))
+    torch.manual_seed(args.seed)
+    loader, val_windows, resume_state, extras = load_inputs(args, rank, world_size, device)
+    raw_model = GPT(**model_config(args), dtype=DTYPES[args.dtype]).to(device)
+    model, train_model, warmup_notes = fit_micro_batch(raw_model, args, val_windows, world_size, device)
+    optimizers = make_optimizers(raw_model, args, rank, world_size)
+    accum = args.batch_size // (world_size * args.micro_batch_size)
+    flops_per_step = model_flops_per_token(raw_model, args.seq_len) * args.batch_size * args.seq_len
+    start, train_ms, tokens_seen = resume(resume_state, raw_model, optimizers, loader, args)
+    log = run.enter_context(open_log(args, raw_model, flops_per_step, accum, world_size, device, rank, resume_state,
+                                     extras, warmup_notes))
+    val_loss = reached = stop_votes = None
+    last_checkpoint = args.resume
+    stop.training = True  # from here a stop signal ends the step in progress, then a checkpoint
+    for step in range(start, args.steps + 1):
+        last_step = step == args.steps
+
+        # --------------- VALIDATION SECTION -----------------
+        if val_due(step, args) and (step > start or resume_state is None or last_step):  # not twice at a resume
+            val_loss = evaluate(model, val_windows, args.micro_batch_size, device)
+            if not math.isfinite(val_loss):
+                raise Diverged(f"non-finite val loss at step {step}")
+            log.line(f"step:{step}/{args.steps} val_loss:{val_loss:.4f} {clock(step, train_ms, tokens_seen)}")
+            if args.target_val_loss is not None and val_loss <= args.target_val_loss and reached is None:
+                reached = (step, train_ms)
+
+        # --------------- CHECKPOINT SECTION -----------------
+        reason = checkpoint_reason(step, start, args, reached, stop_votes)
+        if reason:
+            last_checkpoint = checkpoint(args, step, reason, raw_model, optimizers, loader, train_ms, tokens_seen,
+                                         last_checkpoint, log, rank)
+        if last_step or reached or stop_votes:
+            break
+
+        # --------------- TRAINING SECTION -----------------
+        s = bag_size_at(step, args.phases)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        windows = loader.next_batch(window_tokens(s, args.tst_mode, args.seq_len))
+        inputs, targets, weights = batch_for(step, windows, args, device)
+        loss = train_step(train_model, optimizers, inputs, targets, weights, accum, lr_multiplier(step, args))
+        loss_sum, stop_votes = all_reduce_sum([loss, len(stop.caught)], device)  # one host sync a step
+        train_ms += 1000 * (time.perf_counter() - t0)
+        log.step = step + 1
+        tokens_seen += args.batch_size * (windows.size(1) - 1)
+        train_loss, phase = loss_sum / world_size, "tst" if s > 1 else "ntp"
+        if not math.isfinite(train_loss):
+            raise Diverged(f"non-finite train loss {train_loss} at step {step + 1} (phase {phase}, s={s});"
+                           f" last good checkpoint: {last_checkpoint or 'none'}")
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            log.line(f"step:{step + 1}/{args.steps} train_loss:{train_loss:.4f} phase:{phase} s:{s}"
+                     f" {clock(step + 1, train_ms, tokens_seen)}{mfu(flops_per_step, world_size, step + 1, train_ms, args)}",
+                     console_extra=eta(step + 1, train_ms, args.steps))
+    stop.training = False  # what follows is not a training step: a stop signal stops it at once
+    if not (last_step or reached):  # stopped by a signal
+        signum = stop.caught[0] if stop.caught else signal.SIGTERM
+        log.close(f"interrupted: {signal.Signals(signum).name} at step:{step}/{args.steps} {clock(step, train_ms, tokens_seen)}"
+                  f"{peak_memory(device)}; continue with the same command and --resume {last_checkpoint}")
+        return 128 + signum
+    finish(args, raw_model, log, step, val_loss, reached, train_ms, tokens_seen, extras, rank, world_size, device)
+    return 0
+
+
+#######################################################################################################
+# THE HARNESS. Nothing below changes a loss: checks of the flags and the data, the distributed set-up, the
+# compile warmup and the out-of-memory fit, stop signals, checkpoints, the record log, and what is done with
+# the final model (export, HellaSwag, a sample). It stays in this file so that the record log holds it too.
+#######################################################################################################
+
+def check_args(args, world_size, on_sample):
+    """Reject impossible values before any work, each with one line."""
+    if not 0 <= args.tst_r < 1:
+        raise UsageError(f"--tst_r must be in [0, 1), got {args.tst_r}")
+    if args.tst_s < 1:
+        raise UsageError(f"--tst_s must be at least 1, got {args.tst_s}")
+    for key in ["n_layer", "n_embd", "n_head", "steps", "batch_size", "micro_batch_size", "val_tokens", "log_every",
+                "mtp_k", "lr", "embed_lr", "head_lr", "scalar_lr", "peak_tflops", "temperature"]:
+        if getattr(args, key) <= 0:
+            raise UsageError(f"--{key} must be positive, got {getattr(args, key)}")
+    for key in ["warmup_steps", "val_every", "final_val_every", "save_every", "weight_decay", "adam_weight_decay",
+                "hellaswag", "sample_tokens", "top_k"]:
+        if getattr(args, key) < 0:
+            raise UsageError(f"--{key} must not be negative, got {getattr(args, key)}")
+    if not 0 <= args.cooldown_frac <= 1:
+        raise UsageError(f"--cooldown_frac must be in [0, 1], got {args.cooldown_frac}")
+    if args.seq_len < 2:
+        raise UsageError(f"--seq_len must be at least 2, got {args.seq_len}")
+    if not 2 <= args.vocab_size <= 65536:
+        raise UsageError(f"--vocab_size must be in [2, 65536] (shards hold uint16 ids), got {args.vocab_size}")
+    if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 4:
+        raise UsageError(f"--n_embd {args.n_embd} must split into --n_head {args.n_head} heads of a size divisible by 4")
+    if args.batch_size % (world_size * args.micro_batch_size):
+        raise UsageError(f"--batch_size {args.batch_size} must be a multiple of {world_size} processes"
+                         f" x --micro_batch_size {args.micro_batch_size}")
+    if args.val_tokens % (world_size * args.seq_len):
+        raise UsageError(f"--val_tokens {args.val_tokens} must be a multiple of {world_size} processes"
+                         f" x --seq_len {args.seq_len}")
+    if args.target_val_loss is not None and args.target_val_loss <= 0:
+        raise UsageError(f"--target_val_loss must be positive, got {args.target_val_loss}")
+    args.phases = parse_tst_schedule(args.tst_schedule, args.steps)
+    if args.sample_tokens and not args.sample_prompt:
+        raise UsageError("--sample_prompt must not be empty")
+    if args.eval_only and not (args.hellaswag or args.sample_tokens):
+        raise UsageError("--eval_only needs --hellaswag N or --sample_tokens N: there is nothing else to do with the model")
+    if args.preset == "gpt2" and on_sample and not args.eval_only:
+        raise UsageError(f"the gpt2 preset trains on FineWeb, which is not in data/fineweb10B: python"
+                         f" data/cached_fineweb10B.py {fineweb_shards_needed(args)} (what this run reads), or give"
+                         " --train_files and --val_files")
+
+
+def bag_sizes(args):
+    return sorted({size for size, _ in args.phases} | {1})
+
+
+def step_windows(args):
+    """The window length each step reads, in order (s*T+1 tokens in a superposition step that reads bags)."""
+    return [window_tokens(bag_size_at(step, args.phases), args.tst_mode, args.seq_len) for step in range(args.steps)]
+
+
+def sequential_shards(windows, batch_size, shard_lengths, further_shard):
+    """How many shards the sequential walk enters to read a step of `batch_size` windows of each length in
+    `windows`: the given shards in order, then shards of `further_shard` tokens. More than the given shards
+    means a run on them would start over at the first (read some text twice)."""
+    length = lambda i: shard_lengths[i] if i < len(shard_lengths) else further_shard
+    shard = offset = 0
+    for window in windows:
+        need = sequential_chunk(batch_size, window)
+        shard, offset = next_chunk(shard, offset, need, length)
+        offset += need - 1
+    return shard + 1
+
+
+def fineweb_shards_needed(args):
+    """FineWeb shards this run would read in order (each holds FINEWEB_SHARD_TOKENS)."""
+    return sequential_shards(step_windows(args), args.batch_size, [], FINEWEB_SHARD_TOKENS)
+
+
+def check_fits(loader, window):
+    need, longest = loader.chunk_tokens(window), max(len(s) for s in loader.shards)
+    if need > longest:
+        what = f"{loader.batch_size} windows of {window}" if loader.order == "sequential" else f"windows of {window}"
+        raise UsageError(f"a step needs {need} consecutive tokens ({what}) but the longest train shard holds"
+                         f" {longest}: lower --batch_size, --seq_len or the bag size")
+
+
+def data_summary(loader, args):
+    """The log's `data:` line: the train tokens the run reads against what its shards hold. A sequential run that
+    would run out of shards and start over stops here, before any work, unless --allow_repeat says so."""
+    windows, lengths = step_windows(args), [len(s) for s in loader.shards]
+    reads, holds = args.batch_size * sum(w - 1 for w in windows), sum(lengths)
+    line = (f"data: {reads:,} train tokens read of {holds:,} in {len(lengths)} shards, {args.data_order}:"
+            f" {reads / holds:.2f} epochs")
+    if args.data_order == "shuffled":
+        return line
+    needed = sequential_shards(windows, args.batch_size, lengths, max(lengths))
+    if needed <= len(lengths):
+        return line + f", shards 1-{needed} once each"
+    if not args.allow_repeat:
+        raise UsageError(f"this sequential run reads {reads:,} tokens, more than its {len(lengths)} train shards give"
+                         f" (tails shorter than a step skipped): it needs {needed} shards (FineWeb: python"
+                         f" data/cached_fineweb10B.py {needed}), or --allow_repeat to read them again")
+    return line + f", starting over at shard 1 after shard {len(lengths)} (--allow_repeat)"
+
+
+# --- processes
+
+@contextlib.contextmanager
+def process_group(device_type):
+    """torchrun sets RANK/WORLD_SIZE: NCCL on GPUs, gloo on CPU; without it, one process. A run that ends well waits
+    for every rank before the group goes (gloo aborts a process whose peer tore down first)."""
+    if "RANK" not in os.environ:
+        yield 0, 1, torch.device(device_type)
+        return
+    cuda = device_type == "cuda"
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values, device):
+    """Sum floats or 0-d tensors over ranks; one collective and one host sync."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def raise_if_any_rank_failed(error, device):
+    """Every rank raises when one has: a rank that stopped alone would leave the others waiting in a collective."""
+    if all_reduce_sum([float(error is not None)], device)[0]:
+        raise error or UsageError("another process stopped on an error (its message is above)")
+
+
+def load_inputs(args, rank, world_size, device):
+    """Everything that can be wrong with the input, found before the first step, on every rank: the shards and the
+    data accounting, the val slice, the checkpoint to resume, HellaSwag and the tokenizer."""
+    problem = extras = None
+    try:
+        loader = ShardLoader(args.train_files, args.batch_size, rank, world_size, args.vocab_size, args.data_order,
+                             args.seed)
+        for s in bag_sizes(args):
+            check_fits(loader, window_tokens(s, args.tst_mode, args.seq_len))
+        extras = argparse.Namespace(data_line=data_summary(loader, args))
+        val_windows = load_val_windows(args.val_files, args.val_tokens, args.seq_len, rank, world_size, args.vocab_size)
+        resume_state = load_checkpoint(args.resume, args) if args.resume else None
+        extras.hellaswag_items = load_hellaswag(args.hellaswag) if args.hellaswag else []
+        extras.enc = gpt2_encoding() if args.hellaswag or args.sample_tokens else None
+    except UsageError as e:
+        problem = e
+    raise_if_any_rank_failed(problem, device)
+    return loader, val_windows, resume_state, extras
+
+
+# --- compile warmup and the out-of-memory fit
 
 def warm_up(train_model, model, optimizers, args, val_windows, world_size, device):
     """A step of every bag size at lr 0 and a validation batch on random tokens: compiles their graphs and
@@ -804,15 +944,10 @@ def warm_up(train_model, model, optimizers, args, val_windows, world_size, devic
     with train_model.no_sync() if isinstance(train_model, DDP) else contextlib.nullcontext():
         for s in bag_sizes(args):
             step = next((end - 1 for size, end in args.phases if size == s), superposition_end(args.phases))
-            windows = torch.randint(args.vocab_size, (args.batch_size // world_size, window_tokens(s, args.tst_mode, args.seq_len)), generator=fake)
+            shape = (args.batch_size // world_size, window_tokens(s, args.tst_mode, args.seq_len))
+            windows = torch.randint(args.vocab_size, shape, generator=fake)
             train_step(train_model, optimizers, *batch_for(step, windows, args, device), accum, 0.0)
     val_loss_sum(model, val_windows[:args.micro_batch_size], args.micro_batch_size, device)
-
-
-def raise_if_any_rank_failed(error, device):
-    """Every rank raises when one has: a rank that stopped alone would leave the others waiting in a collective."""
-    if all_reduce_sum([float(error is not None)], device)[0]:
-        raise error or UsageError("another process stopped on an error (its message is above)")
 
 
 def fit_micro_batch(raw_model, args, val_windows, world_size, device):
@@ -844,6 +979,8 @@ def fit_micro_batch(raw_model, args, val_windows, world_size, device):
             torch.cuda.empty_cache()  # before the collectives, which may need memory of their own
         raise_if_any_rank_failed(failure, device)
         if not all_reduce_sum([float(out_of_memory)], device)[0]:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)  # the peak of training, not of a warmup that ran out
             return model, train_model, notes
         torch._dynamo.reset()
         per_rank, old = args.batch_size // world_size, args.micro_batch_size
@@ -854,14 +991,51 @@ def fit_micro_batch(raw_model, args, val_windows, world_size, device):
                      f" ({per_rank // args.micro_batch_size} micro-batches a step, the same global batch)")
 
 
+# --- stop signals
+
+class Stopped(Exception):
+    """A stop signal while no training step runs (set-up, warmup, the final evaluation): exit 128 + the signal."""
+
+    def __init__(self, signum):
+        super().__init__(f"{signal.Signals(signum).name} while no training step was running")
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGINT and SIGTERM. During training (`training` set) they are only recorded in `caught`: every rank ends its
+    step, the ranks vote, and the run checkpoints and exits. Otherwise they raise Stopped at once."""
+
+    def __enter__(self):
+        self.caught, self.training = [], False
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if not self.training:
+            raise Stopped(signum)
+        self.caught.append(signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# --- checkpoints
+
+CHECKPOINT_FORMAT = 2  # 2: Muon's momentum of every matrix, in size order
+RESUMABLE_ANYWAY = {"resume", "run_id", "log_dir", "save_every", "val_every", "final_val_every", "log_every", "compile",
+                    "device", "allow_repeat", "hellaswag", "sample_tokens", "sample_prompt", "temperature", "top_k",
+                    "eval_only", "target_val_loss", "micro_batch_size", "train_files", "val_files", "peak_tflops",
+                    "preset"}
+
+
 def run_settings(args):
     """The flags that define a run, as logged and checkpointed (the parsed schedule is derived from them)."""
     return {k: v for k, v in vars(args).items() if k != "phases"}
 
 
-RESUMABLE_ANYWAY = {"resume", "run_id", "log_dir", "save_every", "val_every", "final_val_every", "log_every", "compile", "device", "allow_repeat",
-                    "hellaswag", "sample_tokens", "sample_prompt", "temperature", "top_k", "eval_only",
-                    "target_val_loss", "micro_batch_size", "train_files", "val_files", "peak_tflops", "preset"}
+def run_dir(args):
+    return os.path.join(args.log_dir, args.run_id)
 
 
 def save_checkpoint(path, state):
@@ -870,6 +1044,35 @@ def save_checkpoint(path, state):
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def checkpoint_reason(step, start, args, reached, stopping):
+    """Why the run checkpoints after `step` steps, or None: a phase switch, the end, a stop signal, or --save_every."""
+    if step == start:
+        return None
+    before, after = bag_size_at(step - 1, args.phases), bag_size_at(step, args.phases)
+    if step < args.steps and before != after:
+        return f"phase switch s:{before}->{after}"
+    if step == args.steps or reached:
+        return "end"
+    if stopping:
+        return "interrupted"
+    return "periodic" if args.save_every and step % args.save_every == 0 else None
+
+
+def checkpoint(args, step, reason, model, optimizers, loader, train_ms, tokens_seen, last_checkpoint, log, rank):
+    """Every rank gathers Muon's momentum; rank 0 writes. Returns the checkpoint's path."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):  # an update can poison the weights
+        raise Diverged(f"non-finite weights after step {step}; last good checkpoint: {last_checkpoint or 'none'}")
+    path = os.path.join(run_dir(args), f"step_{step:06d}.pt")
+    optimizer_states = [o.state_dict() for o in optimizers]
+    if rank == 0:
+        save_checkpoint(path, dict(format=CHECKPOINT_FORMAT, code_sha=CODE_SHA, args=run_settings(args),
+                                   run_id=args.run_id, step=step, train_ms=train_ms, tokens_seen=tokens_seen,
+                                   model=model.state_dict(), optimizers=optimizer_states, loader=loader.state_dict(),
+                                   rng_cpu=torch.get_rng_state()))
+    log.line(f"checkpoint: step:{step} {reason} {path}")
+    return path
 
 
 def load_checkpoint(path, args):
@@ -890,8 +1093,36 @@ def load_checkpoint(path, args):
     return state
 
 
+def resume(state, model, optimizers, loader, args):
+    """The step, training clock and token count to go on from (a checkpoint's, its model, optimizers, loader and
+    random state put back), or a fresh run's zeros."""
+    if state is None:
+        return 0, 0.0, 0
+    model.load_state_dict(state["model"])
+    for opt, opt_state in zip(optimizers, state["optimizers"]):
+        opt.load_state_dict(opt_state)
+    loader.load_state_dict(state["loader"])
+    torch.set_rng_state(state["rng_cpu"])
+    args.run_id = args.run_id or state["run_id"]
+    return state["step"], state["train_ms"], state["tokens_seen"]
+
+
+# --- the record log
+
 def clock(step, train_ms, tokens_seen):
     return f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step if step else 0.0:.2f}ms tokens:{tokens_seen}"
+
+
+def mfu(flops_per_step, world_size, step, train_ms, args):
+    """Model FLOPs utilisation against --peak_tflops (CUDA only)."""
+    if args.device != "cuda":
+        return ""
+    return f" mfu:{100 * flops_per_step / world_size / (train_ms / step * 1e-3) / (args.peak_tflops * 1e12):.1f}%"
+
+
+def eta(step, train_ms, steps):
+    left = train_ms / step * (steps - step) / 1000
+    return f" eta:{left // 60:.0f}m{left % 60:02.0f}s" if left > 60 else ""
 
 
 def peak_memory(device):
@@ -899,149 +1130,79 @@ def peak_memory(device):
     return f" peak_mem:{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f}GiB" if device.type == "cuda" else ""
 
 
-def train(args):
-    # --- set-up: everything that can be wrong with the input is found before the first step, on every rank
-    rank, world_size, device = setup_distributed(args.device)
-    master, cuda = rank == 0, device.type == "cuda"
-    torch.manual_seed(args.seed)
-    problem = None
+def device_lines(device, world_size):
+    """The header's hardware lines: the device, and on CUDA the output of nvidia-smi (noted, not fatal, when missing)."""
+    if device.type != "cuda":
+        return [f"device cpu x{world_size}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"]
+    lines = [f"device cuda x{world_size}: {torch.cuda.get_device_name(device)}"]
     try:
-        loader = ShardLoader(args.train_files, args.batch_size, rank, world_size, args.vocab_size, args.data_order, args.seed)
-        for s in bag_sizes(args):
-            loader.check_fits(window_tokens(s, args.tst_mode, args.seq_len))
-        data_line = data_summary(loader, args)
-        val_windows = load_val_windows(args.val_files, args.val_tokens, args.seq_len, rank, world_size, args.vocab_size)
-        resume_state = load_checkpoint(args.resume, args) if args.resume else None
-        hellaswag_items = load_hellaswag(args.hellaswag) if args.hellaswag else []
-        enc = gpt2_encoding() if args.hellaswag or args.sample_tokens else None
-    except UsageError as e:
-        problem = e
-    raise_if_any_rank_failed(problem, device)
+        lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60).stdout)
+    except (OSError, subprocess.SubprocessError) as e:
+        lines.append(f"nvidia-smi: not available ({type(e).__name__}: {e})")
+    return lines
 
-    raw_model = GPT(**model_config(args), dtype=DTYPES[args.dtype]).to(device)
-    model, train_model, warmup_notes = fit_micro_batch(raw_model, args, val_windows, world_size, device)
-    optimizers = make_optimizers(raw_model, args, rank, world_size)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)  # the peak of training, not of a warmup that ran out of memory
-    accum = args.batch_size // (world_size * args.micro_batch_size)
-    flops_per_step = model_flops_per_token(raw_model, args.seq_len) * args.batch_size * args.seq_len
 
-    step, train_ms, tokens_seen = 0, 0.0, 0
-    if resume_state:
-        raw_model.load_state_dict(resume_state["model"])
-        for opt, state in zip(optimizers, resume_state["optimizers"]):
-            opt.load_state_dict(state)
-        loader.load_state_dict(resume_state["loader"])
-        torch.set_rng_state(resume_state["rng_cpu"])
-        step, train_ms, tokens_seen = resume_state["step"], resume_state["train_ms"], resume_state["tokens_seen"]
-        args.run_id = args.run_id or resume_state["run_id"]
+class RunLog:
+    """Rank 0 writes the source, the environment, the hyperparameters (one JSON line), then a line per logged step;
+    the console shows the same lines. Its last line says how the run ended: a run that raises ends `failed:`."""
+
+    def __init__(self, path, master, append, step, steps):
+        self.master, self.path, self.file, self.step, self.steps = master, path, None, step, steps  # step: steps done
+        self.fresh = not (append and os.path.exists(path))  # a resumed run goes on in its own log
+        if master:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self.file = open(path, "w" if self.fresh else "a")
+
+    def line(self, text, console_extra=""):
+        if self.master:
+            print(text + console_extra, flush=True)
+            self.file.write(text + "\n")
+            self.file.flush()
+
+    def header(self, args, device, world_size):
+        if not self.master:
+            return
+        self.file.write(CODE + "\n" + "=" * 100 + "\n")
+        versions = f"python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}"
+        self.file.write("\n".join([versions] + device_lines(device, world_size)) + "\n" + json.dumps(run_settings(args)) + "\n")
+        print(f"logging to {self.path}", flush=True)
+
+    def close(self, text):
+        if self.file and not self.file.closed:
+            self.line(text)
+            self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.close(f"failed: step:{self.step}/{self.steps} " + (f"{kind.__name__}: {error}" if kind else "no last line"))
+
+
+def open_log(args, model, flops_per_step, accum, world_size, device, rank, resume_state, extras, warmup_notes):
+    """The record log at <log_dir>/<run_id>.txt: a fresh one with its header, or a resumed run's own."""
     args.run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S") + f"_{args.preset}_s{args.tst_schedule or 1}"
     args.run_id = args.run_id.replace(":", "x").replace(",", "_")
-    ckpt_dir = os.path.join(args.log_dir, args.run_id)
-    log = RunLog(os.path.join(args.log_dir, f"{args.run_id}.txt"), master, append=resume_state is not None)
+    log = RunLog(os.path.join(args.log_dir, f"{args.run_id}.txt"), rank == 0, resume_state is not None,
+                 resume_state["step"] if resume_state else 0, args.steps)
     if log.fresh:
         log.header(args, device, world_size)
-        log.line(f"model: {sum(p.numel() for p in raw_model.parameters()):,} parameters, {flops_per_step:.4g} FLOPs per step,"
-                 f" {args.batch_size * args.seq_len:,} positions per step, {world_size} processes x {accum} micro-batches of {args.micro_batch_size}")
-        log.line(data_line)
+        log.line(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {flops_per_step:.4g} FLOPs per step,"
+                 f" {args.batch_size * args.seq_len:,} positions per step, {world_size} processes x {accum} micro-batches"
+                 f" of {args.micro_batch_size}")
+        log.line(extras.data_line)
     for note in warmup_notes:
         log.line(note)
     if resume_state:
-        log.line(f"resumed from {args.resume} at step {step}")
-
-    stop_signals = []
-    handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    restore_signals = lambda: [signal.signal(sig, handler) for sig, handler in handlers.items()]
-    start_step, val_loss, reached, stopping, last_ckpt = step, None, None, False, args.resume
-    try:
-        while True:
-            s = bag_size_at(step, args.phases)  # the bag size of the next step
-
-            # --- validate (plain next-token loss, whatever the phase)
-            fresh_point = step > start_step or resume_state is None or step == args.steps  # a resumed run's first point was logged before
-            if fresh_point and val_due(step, args):
-                val_loss = evaluate(model, val_windows, args.micro_batch_size, device)
-                if not math.isfinite(val_loss):
-                    raise Diverged(f"non-finite val loss at step {step}")
-                log.line(f"step:{step}/{args.steps} val_loss:{val_loss:.4f} {clock(step, train_ms, tokens_seen)}")
-                if args.target_val_loss is not None and val_loss <= args.target_val_loss and reached is None:
-                    reached = (step, train_ms)
-
-            # --- checkpoint and stop
-            reason = None
-            if step > start_step and step < args.steps and s != bag_size_at(step - 1, args.phases):
-                reason = f"phase switch s:{bag_size_at(step - 1, args.phases)}->{s}"
-            elif step > start_step and (step == args.steps or reached or stopping or (args.save_every and step % args.save_every == 0)):
-                reason = "end" if step == args.steps or reached else "interrupted" if stopping else "periodic"
-            if reason:
-                if not all(torch.isfinite(p).all() for p in raw_model.parameters()):  # an update can poison the weights
-                    raise Diverged(f"non-finite weights after step {step}; last good checkpoint: {last_ckpt or 'none'}")
-                last_ckpt = os.path.join(ckpt_dir, f"step_{step:06d}.pt")
-                optimizer_states = [o.state_dict() for o in optimizers]  # every rank: Muon's momentum is gathered
-                if master:
-                    save_checkpoint(last_ckpt, dict(format=CHECKPOINT_FORMAT, code_sha=CODE_SHA, args=run_settings(args),
-                                                    run_id=args.run_id, step=step, train_ms=train_ms, tokens_seen=tokens_seen,
-                                                    model=raw_model.state_dict(), optimizers=optimizer_states,
-                                                    loader=loader.state_dict(), rng_cpu=torch.get_rng_state()))
-                log.line(f"checkpoint: step:{step} {reason} {last_ckpt}")
-            if step == args.steps or reached:
-                break
-            if stopping:
-                signum = stop_signals[0] if stop_signals else signal.SIGTERM
-                log.close(f"interrupted: {signal.Signals(signum).name} at step:{step}/{args.steps} {clock(step, train_ms, tokens_seen)}"
-                          f"{peak_memory(device)}; continue with the same command and --resume {last_ckpt}")
-                return 128 + signum
-
-            # --- train
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            windows = loader.next_batch(window_tokens(s, args.tst_mode, args.seq_len))
-            inputs, targets, weights = batch_for(step, windows, args, device)
-            loss = train_step(train_model, optimizers, inputs, targets, weights, accum, lr_multiplier(step, args))
-            loss_sum, stop_votes = all_reduce_sum([loss, len(stop_signals)], device)
-            train_ms += 1000 * (time.perf_counter() - t0)
-            step += 1
-            tokens_seen += args.batch_size * (windows.size(1) - 1)
-            stopping = stop_votes > 0
-            train_loss, phase = loss_sum / world_size, "tst" if s > 1 else "ntp"
-            if not math.isfinite(train_loss):
-                raise Diverged(f"non-finite train loss {train_loss} at step {step} (phase {phase}, s={s});"
-                               f" last good checkpoint: {last_ckpt or 'none'}")
-
-            # --- log
-            if step % args.log_every == 0 or step == args.steps:
-                mfu = f" mfu:{100 * flops_per_step / world_size / (train_ms / step * 1e-3) / (args.peak_tflops * 1e12):.1f}%" if cuda else ""
-                eta = train_ms / step * (args.steps - step) / 1000
-                log.line(f"step:{step}/{args.steps} train_loss:{train_loss:.4f} phase:{phase} s:{s} {clock(step, train_ms, tokens_seen)}{mfu}",
-                         console_extra=f" eta:{eta // 60:.0f}m{eta % 60:02.0f}s" if eta > 60 else "")
-        restore_signals()  # what follows is not a training step: a stop signal stops it
-        peak = peak_memory(device)
-        if master:
-            export_model(raw_model, args, os.path.join(ckpt_dir, "model.pt"))
-        for line in downstream(raw_model, args, hellaswag_items, enc, rank, world_size, device):  # untimed, after the clock
-            log.line(line)
-        target = "none" if args.target_val_loss is None else (
-            f"reached {args.target_val_loss} at step:{reached[0]} train_time:{reached[1]:.0f}ms" if reached
-            else f"{args.target_val_loss} not reached")
-        log.close(f"done: step:{step}/{args.steps} val_loss:{val_loss:.4f} {clock(step, train_ms, tokens_seen)} target:{target}{peak}")
-        return 0
-    except BaseException as e:
-        log.close(f"failed: step:{step}/{args.steps} {type(e).__name__}: {e}")
-        raise
-    finally:
-        restore_signals()
-        if dist.is_initialized():
-            if sys.exc_info()[0] is None:
-                dist.barrier()  # no rank tears down gloo while another still uses it (it aborts the process)
-            dist.destroy_process_group()
+        log.line(f"resumed from {args.resume} at step {resume_state['step']}")
+    return log
 
 
-# -----------------------------------------------------------------------------------------------------
-# Beyond val loss: HellaSwag and samples. The model TST produces is an ordinary GPT, scored and sampled as one.
+# --- the final model: export, HellaSwag and a sample (untimed, after the clock)
 
 def data_module(name):
-    """A module of data/ (the offline GPT-2 tokenizer, HellaSwag), imported when a run first needs it."""
+    """A module of data/ (the offline GPT-2 tokenizer, HellaSwag), imported when a run first needs it; its errors
+    are reported as this file's."""
     folder = os.path.join(HERE, "data")
     if folder not in sys.path:
         sys.path.insert(0, folder)
@@ -1063,78 +1224,18 @@ def load_hellaswag(n):
         raise UsageError(str(e)) from None
 
 
-@torch.no_grad()
-def ending_losses(model, batch, enc, device):
-    """Summed loss and token count of each item's four endings, (items, 4) each, scored as llm.c scores HellaSwag:
-    each row is the context then one ending (after a space) in GPT-2 tokens, and only the ending's tokens count.
-    A row longer than the model's positions loses the start of its context. Rows are right-padded: no position of
-    a causal model sees the padding after it."""
-    rows, masks = [], []
-    for context, endings, _ in batch:
-        context = enc.encode(context)
-        for ending in endings:
-            ending = enc.encode(" " + ending)
-            rows.append((context + ending)[-model.max_len - 1:])
-            masks.append(([0] * len(context) + [1] * len(ending))[-model.max_len - 1:])
-    width = max(map(len, rows))
-    tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
-    mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device, dtype=torch.float32)[:, 1:]
-    losses = F.cross_entropy(model.logits(tokens[:, :-1]).transpose(1, 2), tokens[:, 1:], reduction="none") * mask
-    return losses.sum(1).view(-1, 4), mask.sum(1).view(-1, 4)
-
-
-@torch.no_grad()
-def hellaswag_counts(model, items, enc, device, items_per_batch=8):
-    """Right answers (acc_norm, acc) over items: acc_norm picks the ending of lowest mean loss per token, acc the
-    lowest summed loss."""
-    model.eval()
-    right_norm = right = 0
-    for start in range(0, len(items), items_per_batch):
-        batch = items[start:start + items_per_batch]
-        summed, counts = ending_losses(model, batch, enc, device)
-        labels = torch.tensor([label for _, _, label in batch], device=device)
-        right += int((summed.argmin(1) == labels).sum())
-        right_norm += int(((summed / counts).argmin(1) == labels).sum())
-    return right_norm, right
-
-
-@torch.no_grad()
-def next_token_logits(model, tokens):
-    """Logits of the next token after each row of `tokens` (the last max_len of them): the training forward pass."""
-    return model.logits(tokens[:, -model.max_len:])[:, -1]
-
-
-@torch.no_grad()
-def generate(model, prompt, n_new, temperature, top_k, seed, device, n_vocab=None):
-    """n_new token ids after `prompt`, sampled one at a time from the whole window (no KV cache: short and plain),
-    never from the padding ids at or past n_vocab, which no tokenizer decodes."""
-    model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = torch.tensor([prompt], device=device)
-    for _ in range(n_new):
-        logits = next_token_logits(model, tokens)[0] / temperature
-        if n_vocab:
-            logits[n_vocab:] = -math.inf
-        if top_k:
-            logits[logits < logits.topk(min(top_k, logits.numel())).values[-1]] = -math.inf
-        tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1, generator=generator)[None]], dim=1)
-    return tokens[0, len(prompt):].tolist()
-
-
 def downstream(model, args, items, enc, rank, world_size, device):
     """The record log's lines about the final model: HellaSwag over the items (shared over ranks), and a sample."""
     lines = []
     if items:
-        right_norm, right = all_reduce_sum(list(hellaswag_counts(model, items[rank::world_size], enc, device)), device)
+        counts = data_module("hellaswag").hellaswag_counts(model, items[rank::world_size], enc, device)
+        right_norm, right = all_reduce_sum(list(counts), device)
         lines.append(f"hellaswag: acc_norm {right_norm / len(items):.4f} acc {right / len(items):.4f} ({len(items)} items)")
     if args.sample_tokens:
-        new = generate(model, enc.encode(args.sample_prompt), args.sample_tokens, args.temperature, args.top_k, args.seed, device, enc.n_vocab)
+        new = model.generate(enc.encode(args.sample_prompt), args.sample_tokens, args.temperature, args.top_k, args.seed,
+                             enc.n_vocab)
         lines.append("sample: " + json.dumps(args.sample_prompt + enc.decode(new)))
     return lines
-
-
-def model_config(args):
-    return dict(vocab_size=args.vocab_size, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, max_len=args.seq_len)
 
 
 def export_model(model, args, path):
@@ -1157,6 +1258,20 @@ def load_model(path, device):
     return model
 
 
+def finish(args, model, log, step, val_loss, reached, train_ms, tokens_seen, extras, rank, world_size, device):
+    """A run's untimed end: the export, HellaSwag and a sample into the log, then the `done:` line."""
+    peak = peak_memory(device)
+    if rank == 0:
+        export_model(model, args, os.path.join(run_dir(args), "model.pt"))
+    for line in downstream(model, args, extras.hellaswag_items, extras.enc, rank, world_size, device):
+        log.line(line)
+    target = "none" if args.target_val_loss is None else (
+        f"reached {args.target_val_loss} at step:{reached[0]} train_time:{reached[1]:.0f}ms" if reached
+        else f"{args.target_val_loss} not reached")
+    log.close(f"done: step:{step}/{args.steps} val_loss:{val_loss:.4f} {clock(step, train_ms, tokens_seen)}"
+              f" target:{target}{peak}")
+
+
 def evaluate_only(args):
     """--eval_only: HellaSwag and a sample of a saved model, printed; no training."""
     device = torch.device(args.device)
@@ -1167,62 +1282,18 @@ def evaluate_only(args):
     return 0
 
 
-# -----------------------------------------------------------------------------------------------------
-# Logging: logs/<run_id>.txt is the record log, self-contained evidence of the run
-
-def device_lines(device, world_size):
-    """The header's hardware lines: the device, and on CUDA the output of nvidia-smi (noted, not fatal, when missing)."""
-    if device.type != "cuda":
-        return [f"device cpu x{world_size}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"]
-    lines = [f"device cuda x{world_size}: {torch.cuda.get_device_name(device)}"]
-    try:
-        lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60).stdout)
-    except (OSError, subprocess.SubprocessError) as e:
-        lines.append(f"nvidia-smi: not available ({type(e).__name__}: {e})")
-    return lines
-
-
-class RunLog:
-    """Rank 0 writes the source, the environment, the hyperparameters (one JSON line), then a line per
-    logged step; the console shows the same lines. Its last line says how the run ended."""
-
-    def __init__(self, path, master, append):
-        self.master, self.path, self.file = master, path, None
-        self.fresh = not (append and os.path.exists(path))  # a resumed run goes on in its own log
-        if master:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "w" if self.fresh else "a")
-
-    def line(self, text, console_extra=""):
-        if self.master:
-            print(text + console_extra, flush=True)
-            self.file.write(text + "\n")
-            self.file.flush()
-
-    def header(self, args, device, world_size):
-        if not self.master:
-            return
-        self.file.write(CODE + "\n" + "=" * 100 + "\n")
-        env = [f"python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}"] + device_lines(device, world_size)
-        self.file.write("\n".join(env) + "\n" + json.dumps(run_settings(args)) + "\n")
-        print(f"logging to {self.path}", flush=True)
-
-    def close(self, text):
-        if self.file and not self.file.closed:
-            self.line(text)
-            self.file.close()
-
-
 def main(argv=None):
+    """Exit codes: 0 done, 1 diverged, 2 bad input, 128 + the signal when stopped."""
     try:
-        args = parse_args(argv)
-        return evaluate_only(args) if args.eval_only else train(args)
-    except UsageError as e:
+        with StopSignals() as stop, contextlib.ExitStack() as run:  # `run` closes the log and the process group
+            args = parse_args(argv)
+            return evaluate_only(args) if args.eval_only else train(args, stop, run)
+    except (UsageError, Diverged) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":
