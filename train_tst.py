@@ -143,22 +143,15 @@ def build_parser():
 
 
 def parse_args(argv=None, world_size=None):
-    """The flags, the preset's values where a flag is not given, and the defaults that depend on the machine;
-    check_args (below the banner) then rejects what cannot run, before any work."""
+    """The flags, with the preset's values where a flag is not given; check_args (below the banner) then rejects what
+    cannot run, before any work."""
     args = build_parser().parse_args(argv)
     world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible")
-    on_sample = args.train_files is None and default_shards("train") != fineweb_shards("train")
-    if args.preset == "auto":
-        gpt2_baseline = argparse.Namespace(**PRESETS["gpt2"], phases=[], tst_mode="full")
+    on_sample, auto = args.train_files is None and not glob.glob(fineweb_shards("train")), args.preset == "auto"
+    if auto:  # the GPT-2 recipe wants a GPU and FineWeb
         args.preset = "gpt2" if args.device == "cuda" and not on_sample else "cpu"
-        if args.device == "cuda" and on_sample and int(os.environ.get("RANK", 0)) == 0:
-            print("note: no FineWeb shards in data/fineweb10B, so this trains the cpu preset on the bundled sample;"
-                  f" for GPT-2: python data/cached_fineweb10B.py {fineweb_shards_needed(gpt2_baseline)},"
-                  " then the same command", file=sys.stderr)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -170,9 +163,7 @@ def parse_args(argv=None, world_size=None):
     args.val_files = args.val_files or default_shards("val")
     if args.tst_schedule is None:
         args.tst_schedule = f"{args.tst_s}:{args.tst_r}" if args.tst_s > 1 else ""
-    elif args.tst_s != 1:
-        raise UsageError("give either --tst_schedule or --tst_s/--tst_r, not both")
-    check_args(args, world_size, on_sample)
+    check_args(args, world_size, on_sample, auto)  # also parses the schedule into args.phases
     return args
 
 
@@ -197,32 +188,8 @@ def default_shards(split):
 
 
 def read_shard(path):
-    """The tokens of one shard as a read-only uint16 memmap, after checking header and size."""
-    try:
-        size = os.path.getsize(path)
-        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read shard ({e.strerror or e})") from None
-    if len(header) < HEADER_INTS:
-        raise UsageError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte shard header")
-    if header[0] != SHARD_MAGIC:
-        raise UsageError(f"{path}: magic number {header[0]} is not {SHARD_MAGIC}: not a token shard")
-    if header[1] != SHARD_VERSION:
-        raise UsageError(f"{path}: shard version {header[1]} is not {SHARD_VERSION}")
-    n_tokens = int(header[2])
-    if n_tokens <= 0:
-        raise UsageError(f"{path}: header says {n_tokens} tokens: an empty or corrupt shard")
-    if size != HEADER_BYTES + 2 * n_tokens:
-        raise UsageError(f"{path}: header says {n_tokens} tokens ({HEADER_BYTES + 2 * n_tokens} bytes)"
-                         f" but the file has {size} bytes: truncated or corrupt")
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n_tokens,))
-
-
-def find_shards(pattern):
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise UsageError(f"no shard matches {pattern} (see data/README.md to download or prepare shards)")
-    return files
+    """The tokens of one shard as a read-only uint16 memmap (check_shard says what is wrong with a bad one)."""
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(check_shard(path),))
 
 
 def next_chunk(shard, offset, need, shard_length):
@@ -238,26 +205,12 @@ def sequential_chunk(batch_size, window):
     return batch_size * (window - 1) + 1
 
 
-def check_token_ids(tokens, vocab_size, path, offset):
-    """Ids at or past the vocabulary would index past the embedding table: refuse them by name."""
-    top = int(tokens.max())
-    if top >= vocab_size:
-        where = offset + int(np.argmax(tokens >= vocab_size))
-        raise UsageError(f"{path}: token id {top} at position {where} is not below --vocab_size {vocab_size}")
-
-
 class ShardLoader:
-    """The train windows of each step: `sequential` (the speedrun's walk) or `shuffled`.
-
-    sequential: one contiguous chunk per step, batch_size windows of `window` tokens, each overlapping the
-    next by one token (the last target of a window is the first input of the next). A shard's tail shorter
-    than a chunk is skipped; after the last shard the walk starts over (a new epoch).
-    shuffled: every window starts at a random position of the shards, drawn from (seed, step) alone, so a
-    resumed run and any number of processes read the same windows; the seed varies the data order.
-    Either way rank r takes the r-th equal share of windows, so the global batch, and the result, do not
-    depend on the number of processes, and every rank checks the token ids of the whole step, so a bad id
-    stops all ranks at the same step.
-    """
+    """The train windows of each step. sequential (the speedrun's walk): one contiguous chunk a step, batch_size
+    windows each overlapping the next by one token; a shard's tail shorter than a chunk is skipped, after the last
+    shard the walk starts over. shuffled: each window at a random position, drawn from (seed, step) alone. Either
+    way rank r takes the r-th share of the windows, so the result does not depend on the number of processes, and
+    every rank checks the ids of the whole step, so a bad id stops all ranks at the same step."""
 
     def __init__(self, pattern, batch_size, rank, world_size, vocab_size, order="sequential", seed=0):
         self.files = find_shards(pattern)
@@ -465,12 +418,6 @@ class GPT(nn.Module):
 def model_config(args):
     return dict(vocab_size=args.vocab_size, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
                 max_len=args.seq_len)
-
-
-def model_flops_per_token(model, seq_len):
-    """6 FLOPs per matmul weight per token (forward and backward) plus attention's 12 * layers * width * T."""
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n != "wte.weight")
-    return 6 * matmul_params + 12 * len(model.blocks) * model.wte.embedding_dim * seq_len
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -783,12 +730,59 @@ def train(args, stop, run):
 # the final model (export, HellaSwag, a sample). It stays in this file so that the record log holds it too.
 #######################################################################################################
 
-def check_args(args, world_size, on_sample):
+def check_shard(path):
+    """The token count of a whole shard, or a UsageError naming what is wrong with its header or size."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read shard ({e.strerror or e})") from None
+    if len(header) < HEADER_INTS:
+        raise UsageError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte shard header")
+    if header[0] != SHARD_MAGIC:
+        raise UsageError(f"{path}: magic number {header[0]} is not {SHARD_MAGIC}: not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise UsageError(f"{path}: shard version {header[1]} is not {SHARD_VERSION}")
+    n_tokens = int(header[2])
+    if n_tokens <= 0:
+        raise UsageError(f"{path}: header says {n_tokens} tokens: an empty or corrupt shard")
+    if size != HEADER_BYTES + 2 * n_tokens:
+        raise UsageError(f"{path}: header says {n_tokens} tokens ({HEADER_BYTES + 2 * n_tokens} bytes)"
+                         f" but the file has {size} bytes: truncated or corrupt")
+    return n_tokens
+
+
+def find_shards(pattern):
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise UsageError(f"no shard matches {pattern} (see data/README.md to download or prepare shards)")
+    return files
+
+
+def check_token_ids(tokens, vocab_size, path, offset):
+    """Ids at or past the vocabulary would index past the embedding table: refuse them by name."""
+    top = int(tokens.max())
+    if top >= vocab_size:
+        where = offset + int(np.argmax(tokens >= vocab_size))
+        raise UsageError(f"{path}: token id {top} at position {where} is not below --vocab_size {vocab_size}")
+
+
+def model_flops_per_token(model, seq_len):
+    """6 FLOPs per matmul weight per token (forward and backward) plus attention's 12 * layers * width * T."""
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n != "wte.weight")
+    return 6 * matmul_params + 12 * len(model.blocks) * model.wte.embedding_dim * seq_len
+
+
+def check_args(args, world_size, on_sample, auto):
     """Reject impossible values before any work, each with one line."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible")
     if not 0 <= args.tst_r < 1:
         raise UsageError(f"--tst_r must be in [0, 1), got {args.tst_r}")
     if args.tst_s < 1:
         raise UsageError(f"--tst_s must be at least 1, got {args.tst_s}")
+    if args.tst_s > 1 and args.tst_schedule != f"{args.tst_s}:{args.tst_r}":
+        raise UsageError("give either --tst_schedule or --tst_s/--tst_r, not both")
     for key in ["n_layer", "n_embd", "n_head", "steps", "batch_size", "micro_batch_size", "val_tokens", "log_every",
                 "mtp_k", "lr", "embed_lr", "head_lr", "scalar_lr", "peak_tflops", "temperature"]:
         if getattr(args, key) <= 0:
@@ -813,15 +807,20 @@ def check_args(args, world_size, on_sample):
                          f" x --seq_len {args.seq_len}")
     if args.target_val_loss is not None and args.target_val_loss <= 0:
         raise UsageError(f"--target_val_loss must be positive, got {args.target_val_loss}")
-    args.phases = parse_tst_schedule(args.tst_schedule, args.steps)
     if args.sample_tokens and not args.sample_prompt:
         raise UsageError("--sample_prompt must not be empty")
     if args.eval_only and not (args.hellaswag or args.sample_tokens):
         raise UsageError("--eval_only needs --hellaswag N or --sample_tokens N: there is nothing else to do with the model")
+    args.phases = parse_tst_schedule(args.tst_schedule, args.steps)
     if args.preset == "gpt2" and on_sample and not args.eval_only:
         raise UsageError(f"the gpt2 preset trains on FineWeb, which is not in data/fineweb10B: python"
                          f" data/cached_fineweb10B.py {fineweb_shards_needed(args)} (what this run reads), or give"
                          " --train_files and --val_files")
+    if auto and on_sample and args.device == "cuda" and int(os.environ.get("RANK", 0)) == 0:
+        baseline = argparse.Namespace(**PRESETS["gpt2"], phases=[], tst_mode="full")
+        print("note: no FineWeb shards in data/fineweb10B, so this trains the cpu preset on the bundled sample;"
+              f" for GPT-2: python data/cached_fineweb10B.py {fineweb_shards_needed(baseline)}, then the same command",
+              file=sys.stderr)
 
 
 def bag_sizes(args):
