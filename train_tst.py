@@ -959,7 +959,10 @@ def fit_micro_batch(raw_model, args, val_windows, world_size, device):
     snapshot = {k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()}
     torch._dynamo.config.recompile_limit = 2 * (len(bag_sizes(args)) + 2)  # train and eval graphs, inside DDP and not
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    notes = []
+    notes, started = [], time.perf_counter()
+    what = f"{'compile and ' if args.compile else ''}a step of each bag size {bag_sizes(args)} and a validation batch"
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"warmup: {what}, untimed ...", flush=True)
     while True:
         model = torch.compile(raw_model, dynamic=False) if args.compile else raw_model
         # The rotary tables are the only buffers, the same on every rank: nothing to broadcast each step.
@@ -980,7 +983,7 @@ def fit_micro_batch(raw_model, args, val_windows, world_size, device):
         if not all_reduce_sum([float(out_of_memory)], device)[0]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)  # the peak of training, not of a warmup that ran out
-            return model, train_model, notes
+            return model, train_model, notes + [f"warmup: {time.perf_counter() - started:.0f} s untimed ({what})"]
         torch._dynamo.reset()
         per_rank, old = args.batch_size // world_size, args.micro_batch_size
         if old == 1:
