@@ -7,7 +7,8 @@ on the bundled sample (shuffled windows, a 262,144-token validation slice) for a
 baseline, then TST s = 8 with the switch late enough that every timed step but the last few is a superposition
 step; then, if the budget allows, the same at micro-batch 32, and the CUDA test group of test_train.py (the gpt2
 shape compiled in bf16 through both phases and a resume, a real out-of-memory halving, DDP when there are two
-GPUs). Each part runs only while the budget (--budget seconds) lasts. summary.md gives each run's median step time
+GPUs). Each part runs only while the budget (--budget seconds) lasts: on an H200 each took 95-145 s (a cold
+compile of 50-90 s included), all four about 470 s. summary.md gives each run's median step time
 by phase (the first steps of each phase left out), the TST / baseline ratio, MFU against --peak_tflops, peak
 memory, the untimed warmup (compile) time, and whatever failed.
 """
@@ -89,11 +90,11 @@ def main(argv=None):
     tst = ["--tst_s", "8", "--tst_r", "0.9"] + (CPU_TRIAL if args.cpu else [])  # every timed step but the last few is s = 8
     parts = {
         "baseline": (gpt2_on_sample("baseline", args.steps, args.peak_tflops,
-                                    (CPU_TRIAL if args.cpu else []) + ["--log_dir", runs]), 150),
-        "tst": (gpt2_on_sample("tst_s8", args.steps, args.peak_tflops, tst + ["--log_dir", runs]), 180),
+                                    (CPU_TRIAL if args.cpu else []) + ["--log_dir", runs]), 110),
+        "tst": (gpt2_on_sample("tst_s8", args.steps, args.peak_tflops, tst + ["--log_dir", runs]), 130),
         "mb32": (gpt2_on_sample("tst_s8_mb32", args.steps, args.peak_tflops,
-                                tst + ["--micro_batch_size", "32", "--log_dir", runs]), 180),
-        "tests": ([sys.executable, "-m", "pytest", "-q", "-s", os.path.join(ROOT, "test_train.py"), "-k", "cuda"], 200),
+                                tst + ["--micro_batch_size", "32", "--log_dir", runs]), 160),
+        "tests": ([sys.executable, "-m", "pytest", "-q", "-s", os.path.join(ROOT, "test_train.py"), "-k", "cuda"], 120),
     }
     results = []
     for name in args.parts.split(","):
