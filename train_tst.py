@@ -23,6 +23,8 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +49,10 @@ class UsageError(Exception):
 
 class Diverged(Exception):
     """A non-finite loss: the run stops at once, exit code 1."""
+
+
+class WriteFailed(Exception):
+    """A file the run writes (its log, a checkpoint, the export) could not be written: exit code 1."""
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -155,7 +161,10 @@ def parse_args(argv=None, world_size=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.notes = []  # for the record log
     if args.micro_batch_size * world_size > args.batch_size:
+        args.notes.append(f"note: --micro_batch_size {args.micro_batch_size} is more than a step's {args.batch_size}"
+                          f" sequences over {world_size} processes hold: {max(1, args.batch_size // world_size)} instead")
         args.micro_batch_size = max(1, args.batch_size // world_size)
     if args.compile is None:
         args.compile = args.device == "cuda" or args.steps >= COMPILE_FROM_STEPS
@@ -663,17 +672,17 @@ def train(args, stop, run):
     process group however the run ends; `stop` holds the stop signals caught."""
     rank, world_size, device = run.enter_context(process_group(args.device))
     torch.manual_seed(args.seed)
-    loader, val_windows, resume_state, extras = load_inputs(args, rank, world_size, device)
+    loader, val_windows, resume_state, data_line, extras = load_inputs(args, rank, world_size, device)
+    log = run.enter_context(open_log(args, rank, world_size, device, resume_state, data_line))
+    if log.finished:
+        return 0
     raw_model = GPT(**model_config(args), dtype=DTYPES[args.dtype]).to(device)
     model, train_model, warmup_notes = fit_micro_batch(raw_model, args, val_windows, world_size, device)
     optimizers = make_optimizers(raw_model, args, rank, world_size)
-    accum = args.batch_size // (world_size * args.micro_batch_size)
     flops_per_step = model_flops_per_token(raw_model, args.seq_len) * args.batch_size * args.seq_len
+    accum = log_model(log, raw_model, flops_per_step, args, world_size, resume_state, warmup_notes)
     start, train_ms, tokens_seen = resume(resume_state, raw_model, optimizers, loader, args)
-    log = run.enter_context(open_log(args, raw_model, flops_per_step, accum, world_size, device, rank, resume_state,
-                                     extras, warmup_notes))
     val_loss = reached = stop_votes = None
-    last_checkpoint = args.resume
     stop.training = True  # from here a stop signal ends the step in progress, then a checkpoint
     for step in range(start, args.steps + 1):
         last_step = step == args.steps
@@ -690,8 +699,7 @@ def train(args, stop, run):
         # --------------- CHECKPOINT SECTION -----------------
         reason = checkpoint_reason(step, start, args, reached, stop_votes)
         if reason:
-            last_checkpoint = checkpoint(args, step, reason, raw_model, optimizers, loader, train_ms, tokens_seen,
-                                         last_checkpoint, log, rank)
+            checkpoint(args, step, reason, raw_model, optimizers, loader, train_ms, tokens_seen, log, rank)
         if last_step or reached or stop_votes:
             break
 
@@ -710,7 +718,7 @@ def train(args, stop, run):
         train_loss, phase = loss_sum / world_size, "tst" if s > 1 else "ntp"
         if not math.isfinite(train_loss):
             raise Diverged(f"non-finite train loss {train_loss} at step {step + 1} (phase {phase}, s={s});"
-                           f" last good checkpoint: {last_checkpoint or 'none'}")
+                           f" last good checkpoint: {log.last_checkpoint}")
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             log.line(f"step:{step + 1}/{args.steps} train_loss:{train_loss:.4f} phase:{phase} s:{s}"
                      f" {clock(step + 1, train_ms, tokens_seen)}{mfu(flops_per_step, world_size, step + 1, train_ms, args)}",
@@ -719,7 +727,7 @@ def train(args, stop, run):
     if not (last_step or reached):  # stopped by a signal
         signum = stop.caught[0] if stop.caught else signal.SIGTERM
         log.close(f"interrupted: {signal.Signals(signum).name} at step:{step}/{args.steps} {clock(step, train_ms, tokens_seen)}"
-                  f"{peak_memory(device)}; continue with the same command and --resume {last_checkpoint}")
+                  f"{peak_memory(device)}; continue with the same command and --resume {log.last_checkpoint}")
         return 128 + signum
     finish(args, raw_model, log, step, val_loss, reached, train_ms, tokens_seen, extras, rank, world_size, device)
     return 0
@@ -813,6 +821,16 @@ def check_args(args, world_size, on_sample, auto):
     if args.eval_only and not (args.hellaswag or args.sample_tokens):
         raise UsageError("--eval_only needs --hellaswag N or --sample_tokens N: there is nothing else to do with the model")
     args.phases = parse_tst_schedule(args.tst_schedule, args.steps)
+    windows = args.batch_size // world_size * max(window_tokens(s, args.tst_mode, args.seq_len) for s in bag_sizes(args))
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 8 * windows > host:  # found now, not after minutes of warmup
+        raise UsageError(f"a step's token windows alone take {8 * windows / 2 ** 30:,.1f} GiB of host memory, more than"
+                         f" this machine's {host / 2 ** 30:,.1f} GiB: lower --batch_size or --seq_len")
+    if args.run_id is not None and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._=+-]*", args.run_id):
+        raise UsageError(f"--run_id {args.run_id!r} must be a plain name (letters, digits, '.', '_', '-', '=', '+';"
+                         " no path, no spaces): the log and the checkpoints go under --log_dir")
+    if args.resume == "":
+        raise UsageError("--resume needs a checkpoint's path: an empty one would start a fresh run in silence")
     if args.preset == "gpt2" and on_sample and not args.eval_only:
         raise UsageError(f"the gpt2 preset trains on FineWeb, which is not in data/fineweb10B: python"
                          f" data/cached_fineweb10B.py {fineweb_shards_needed(args)} (what this run reads), or give"
@@ -916,21 +934,26 @@ def raise_if_any_rank_failed(error, device):
 def load_inputs(args, rank, world_size, device):
     """Everything that can be wrong with the input, found before the first step, on every rank: the shards and the
     data accounting, the val slice, the checkpoint to resume, HellaSwag and the tokenizer."""
-    problem = extras = None
+    problem = None
     try:
         loader = ShardLoader(args.train_files, args.batch_size, rank, world_size, args.vocab_size, args.data_order,
                              args.seed)
         for s in bag_sizes(args):
             check_fits(loader, window_tokens(s, args.tst_mode, args.seq_len))
-        extras = argparse.Namespace(data_line=data_summary(loader, args))
+        data_line = data_summary(loader, args)
+        shared = {os.path.realpath(f) for f in loader.files} & {os.path.realpath(f) for f in find_shards(args.val_files)}
+        if shared:
+            raise UsageError(f"--val_files {args.val_files} names train shards ({sorted(shared)[0]}): validation would"
+                             " score text the model trains on")
         val_windows = load_val_windows(args.val_files, args.val_tokens, args.seq_len, rank, world_size, args.vocab_size)
+        extras = argparse.Namespace()
         resume_state = load_checkpoint(args.resume, args) if args.resume else None
         extras.hellaswag_items = load_hellaswag(args.hellaswag) if args.hellaswag else []
         extras.enc = gpt2_encoding() if args.hellaswag or args.sample_tokens else None
     except UsageError as e:
         problem = e
     raise_if_any_rank_failed(problem, device)
-    return loader, val_windows, resume_state, extras
+    return loader, val_windows, resume_state, data_line, extras
 
 
 # --- compile warmup and the out-of-memory fit
@@ -1033,8 +1056,8 @@ RESUMABLE_ANYWAY = {"resume", "run_id", "log_dir", "save_every", "val_every", "f
 
 
 def run_settings(args):
-    """The flags that define a run, as logged and checkpointed (the parsed schedule is derived from them)."""
-    return {k: v for k, v in vars(args).items() if k != "phases"}
+    """The flags that define a run, as logged and checkpointed (the parsed schedule and the notes come from them)."""
+    return {k: v for k, v in vars(args).items() if k not in ("phases", "notes")}
 
 
 def run_dir(args):
@@ -1042,11 +1065,24 @@ def run_dir(args):
 
 
 def save_checkpoint(path, state):
-    """Atomic: a kill during the write leaves the previous checkpoint as it was."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Atomic: a kill or a full disk during the write leaves the previous checkpoint as it was and no partial file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError from its zip writer
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise WriteFailed(f"could not write {path} ({write_error(e, path)})") from None
+
+
+def write_error(e, path):
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    folder = os.path.dirname(path) or "."
+    free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+    return f"{str(e).splitlines()[0][:80]}; {free:,} bytes free on its disk"
 
 
 def checkpoint_reason(step, start, args, reached, stopping):
@@ -1063,28 +1099,37 @@ def checkpoint_reason(step, start, args, reached, stopping):
     return "periodic" if args.save_every and step % args.save_every == 0 else None
 
 
-def checkpoint(args, step, reason, model, optimizers, loader, train_ms, tokens_seen, last_checkpoint, log, rank):
-    """Every rank gathers Muon's momentum; rank 0 writes. Returns the checkpoint's path."""
+def checkpoint(args, step, reason, model, optimizers, loader, train_ms, tokens_seen, log, rank):
+    """Every rank gathers Muon's momentum; rank 0 writes; every rank stops if it could not."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):  # an update can poison the weights
-        raise Diverged(f"non-finite weights after step {step}; last good checkpoint: {last_checkpoint or 'none'}")
-    path = os.path.join(run_dir(args), f"step_{step:06d}.pt")
+        raise Diverged(f"non-finite weights after step {step}; last good checkpoint: {log.last_checkpoint}")
+    path, failure = os.path.join(run_dir(args), f"step_{step:06d}.pt"), None
     optimizer_states = [o.state_dict() for o in optimizers]
     if rank == 0:
-        save_checkpoint(path, dict(format=CHECKPOINT_FORMAT, code_sha=CODE_SHA, args=run_settings(args),
-                                   run_id=args.run_id, step=step, train_ms=train_ms, tokens_seen=tokens_seen,
-                                   model=model.state_dict(), optimizers=optimizer_states, loader=loader.state_dict(),
-                                   rng_cpu=torch.get_rng_state()))
+        try:
+            save_checkpoint(path, dict(format=CHECKPOINT_FORMAT, code_sha=CODE_SHA, args=run_settings(args),
+                                       run_id=args.run_id, step=step, train_ms=train_ms, tokens_seen=tokens_seen,
+                                       model=model.state_dict(), optimizers=optimizer_states,
+                                       loader=loader.state_dict(), rng_cpu=torch.get_rng_state()))
+        except WriteFailed as e:
+            failure = WriteFailed(f"{e}; last good checkpoint: {log.last_checkpoint}")
+    raise_if_any_rank_failed(failure, next(model.parameters()).device)
+    log.last_checkpoint = path
     log.line(f"checkpoint: step:{step} {reason} {path}")
-    return path
 
 
 def load_checkpoint(path, args):
     """A checkpoint written by this code for this run's settings, or a UsageError saying why not."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if set(state) == {"config", "dtype", "model"}:
+            raise UsageError(f"--resume {path}: an exported model (weights only: no optimizer, data or clock state),"
+                             " which --eval_only reads; resume from a step_*.pt checkpoint of its run instead")
         code_sha, saved_args = state["code_sha"], state["args"]
     except FileNotFoundError:
         raise UsageError(f"--resume {path}: no such file") from None
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(f"--resume {path}: not a readable train_tst.py checkpoint ({type(e).__name__})") from None
     if state.get("format") != CHECKPOINT_FORMAT or code_sha != CODE_SHA:
@@ -1147,58 +1192,113 @@ def device_lines(device, world_size):
 
 class RunLog:
     """Rank 0 writes the source, the environment, the hyperparameters (one JSON line), then a line per logged step;
-    the console shows the same lines. Its last line says how the run ended: a run that raises ends `failed:`."""
+    the console shows the same lines. Its last line says how the run ended: a run that raises ends `failed:`. It
+    knows the steps done and the last checkpoint, which a failure names."""
 
-    def __init__(self, path, master, append, step, steps):
-        self.master, self.path, self.file, self.step, self.steps = master, path, None, step, steps  # step: steps done
-        self.fresh = not (append and os.path.exists(path))  # a resumed run goes on in its own log
-        if master:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            self.file = open(path, "w" if self.fresh else "a")
+    def __init__(self, path, file, step, steps, last_checkpoint):
+        self.path, self.file, self.step, self.steps = path, file, step, steps
+        self.last_checkpoint, self.finished = last_checkpoint or "none", False
 
     def line(self, text, console_extra=""):
-        if self.master:
+        if self.file:
             print(text + console_extra, flush=True)
-            self.file.write(text + "\n")
-            self.file.flush()
-
-    def header(self, args, device, world_size):
-        if not self.master:
-            return
-        self.file.write(CODE + "\n" + "=" * 100 + "\n")
-        versions = f"python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}"
-        self.file.write("\n".join([versions] + device_lines(device, world_size)) + "\n" + json.dumps(run_settings(args)) + "\n")
-        print(f"logging to {self.path}", flush=True)
+            try:
+                self.file.write(text + "\n")
+                self.file.flush()
+            except OSError as e:
+                self.file = None  # nothing more can go into it
+                raise WriteFailed(f"could not write the record log {self.path} ({e.strerror});"
+                                  f" last good checkpoint: {self.last_checkpoint}") from None
 
     def close(self, text):
-        if self.file and not self.file.closed:
+        if self.file:
             self.line(text)
             self.file.close()
+            self.file = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, traceback):
-        self.close(f"failed: step:{self.step}/{self.steps} " + (f"{kind.__name__}: {error}" if kind else "no last line"))
+        with contextlib.suppress(WriteFailed):  # a log that cannot be written cannot take its failed: line either
+            self.close(f"failed: step:{self.step}/{self.steps} " + (f"{kind.__name__}: {error}" if kind else "no last line"))
 
 
-def open_log(args, model, flops_per_step, accum, world_size, device, rank, resume_state, extras, warmup_notes):
-    """The record log at <log_dir>/<run_id>.txt: a fresh one with its header, or a resumed run's own."""
-    args.run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S") + f"_{args.preset}_s{args.tst_schedule or 1}"
+def open_log(args, rank, world_size, device, resume_state, data_line):
+    """The record log <log_dir>/<run_id>.txt, opened before the warmup so that a log directory that cannot be written
+    stops the run at once: a fresh run's own new file (never another run's: a default id that is taken gets a
+    suffix, a given one is refused), or, resuming, its run's own log."""
+    default = args.run_id is None and resume_state is None
+    args.run_id = args.run_id or (resume_state and resume_state["run_id"]) or (
+        time.strftime("%Y%m%d-%H%M%S") + f"_{args.preset}_s{args.tst_schedule.replace(' ', '') or 1}")
     args.run_id = args.run_id.replace(":", "x").replace(",", "_")
-    log = RunLog(os.path.join(args.log_dir, f"{args.run_id}.txt"), rank == 0, resume_state is not None,
-                 resume_state["step"] if resume_state else 0, args.steps)
+    file = problem = None
+    if rank == 0:
+        try:
+            file = create_log(args, resume_state, default)
+        except OSError as e:
+            problem = UsageError(f"--log_dir {args.log_dir}: cannot write the record log there ({e.strerror or e})")
+        except UsageError as e:
+            problem = e
+    raise_if_any_rank_failed(problem, device)
+    if dist.is_initialized():  # a default id may have taken a suffix on rank 0
+        ids = [args.run_id]
+        dist.broadcast_object_list(ids, src=0)
+        args.run_id = ids[0]
+    step = resume_state["step"] if resume_state else 0
+    log = RunLog(os.path.join(args.log_dir, f"{args.run_id}.txt"), file, step, args.steps, args.resume)
+    log.fresh = file is not None and file.tell() == 0
     if log.fresh:
-        log.header(args, device, world_size)
-        log.line(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {flops_per_step:.4g} FLOPs per step,"
-                 f" {args.batch_size * args.seq_len:,} positions per step, {world_size} processes x {accum} micro-batches"
-                 f" of {args.micro_batch_size}")
-        log.line(extras.data_line)
+        file.write(CODE + "\n" + "=" * 100 + "\n")
+        versions = f"python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}"
+        file.write("\n".join([versions] + device_lines(device, world_size)) + "\n" + json.dumps(run_settings(args)) + "\n")
+        print(f"logging to {log.path}", flush=True)
+        for note in args.notes:
+            log.line(note)
+        log.line(data_line)
+    if resume_state and step == args.steps and not log.fresh:  # its own log ends done: already
+        log.close(f"note: resumed from {args.resume} at the run's last step: nothing more to do")
+        log.finished = True
+    return log
+
+
+def create_log(args, resume_state, default):
+    """The open log file: appended to when resuming the run that wrote it, else created new (exclusively: two runs
+    started at once cannot both take it)."""
+    os.makedirs(args.log_dir, exist_ok=True)
+    path = os.path.join(args.log_dir, f"{args.run_id}.txt")
+    if resume_state and resume_state["run_id"] == args.run_id and os.path.exists(path):
+        return open(path, "a")
+    for n in range(1, 1000):
+        name = args.run_id if n == 1 else f"{args.run_id}_{n}"
+        path = os.path.join(args.log_dir, f"{name}.txt")
+        taken = os.path.exists(os.path.join(args.log_dir, name))  # its checkpoint folder
+        try:
+            if taken:
+                raise FileExistsError
+            file = open(path, "x")
+            args.run_id = name
+            return file
+        except FileExistsError:
+            if not default:
+                raise UsageError(f"--run_id {args.run_id}: {path if not taken else os.path.join(args.log_dir, name)}"
+                                 " exists: another run's; give another --run_id, or --resume one of its checkpoints")
+    raise UsageError(f"--log_dir {args.log_dir}: no free run id for {args.run_id}")
+
+
+def log_model(log, model, flops_per_step, args, world_size, resume_state, warmup_notes):
+    """The warmup's notes, then the `model:` line (after the warmup: the micro-batch is final) in a new log and the
+    resume line; returns the micro-batches a step."""
+    accum = args.batch_size // (world_size * args.micro_batch_size)
     for note in warmup_notes:
         log.line(note)
+    if log.fresh:
+        log.line(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {flops_per_step:.4g} FLOPs per"
+                 f" step, {args.batch_size * args.seq_len:,} positions per step, {world_size} processes x {accum}"
+                 f" micro-batches of {args.micro_batch_size}")
     if resume_state:
         log.line(f"resumed from {args.resume} at step {resume_state['step']}")
-    return log
+    return accum
 
 
 # --- the final model: export, HellaSwag and a sample (untimed, after the clock)
@@ -1263,9 +1363,13 @@ def load_model(path, device):
 
 def finish(args, model, log, step, val_loss, reached, train_ms, tokens_seen, extras, rank, world_size, device):
     """A run's untimed end: the export, HellaSwag and a sample into the log, then the `done:` line."""
-    peak = peak_memory(device)
+    peak, failure = peak_memory(device), None
     if rank == 0:
-        export_model(model, args, os.path.join(run_dir(args), "model.pt"))
+        try:
+            export_model(model, args, os.path.join(run_dir(args), "model.pt"))
+        except WriteFailed as e:
+            failure = WriteFailed(f"{e}; last good checkpoint: {log.last_checkpoint}")
+    raise_if_any_rank_failed(failure, device)
     for line in downstream(model, args, extras.hellaswag_items, extras.enc, rank, world_size, device):
         log.line(line)
     target = "none" if args.target_val_loss is None else (
@@ -1286,14 +1390,20 @@ def evaluate_only(args):
 
 
 def main(argv=None):
-    """Exit codes: 0 done, 1 diverged, 2 bad input, 128 + the signal when stopped."""
+    """Exit codes: 0 done, 1 diverged or a write or host memory failed, 2 bad input, 128 + the signal when stopped."""
     try:
         with StopSignals() as stop, contextlib.ExitStack() as run:  # `run` closes the log and the process group
             args = parse_args(argv)
             return evaluate_only(args) if args.eval_only else train(args, stop, run)
-    except (UsageError, Diverged) as e:
+    except (UsageError, Diverged, WriteFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
+            raise
+        print("error: out of host memory (the process could not allocate more): lower --batch_size,"
+              " --micro_batch_size or --seq_len", file=sys.stderr)
+        return 1
     except Stopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 128 + e.signum
