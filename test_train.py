@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -758,7 +759,14 @@ def test_the_rotary_tables_are_the_only_buffers_so_ddp_need_not_broadcast_them()
     model = T.GPT(VOCAB, 2, 32, 2, 16)
     assert {n.rsplit(".", 1)[1] for n, _ in model.named_buffers()} == {"cos", "sin"} and not model.state_dict().keys() & {
         n for n, _ in model.named_buffers()}
-    assert "broadcast_buffers=False" in open(os.path.join(HERE, "train_tst.py")).read()
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    try:
+        assert not DDP(model, **T.NO_BUFFER_SYNC).will_sync_module_buffers()  # no collective in a forward pass
+        assert DDP(T.GPT(VOCAB, 2, 32, 2, 16)).will_sync_module_buffers()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_the_log_header_survives_a_gpu_machine_without_nvidia_smi(monkeypatch):
@@ -941,10 +949,10 @@ def bad_shard(directory, name, header=None, tokens=(1, 2, 3), raw=None):
     return path
 
 
-def run_expecting_error(argv, capsys, *needles):
-    code = T.main(argv)
+def run_expecting_error(argv, capsys, *needles, code=2):
+    returned = T.main(argv)
     err = capsys.readouterr().err.strip()
-    assert code == 2
+    assert returned == code
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
     for needle in needles:
         assert needle in err, err
@@ -1416,6 +1424,7 @@ def test_plot_draws_curves_or_says_how_to_get_matplotlib(tmp_path, monkeypatch, 
         m.setitem(sys.modules, "matplotlib", None)
         with pytest.raises(SystemExit, match="pip install matplotlib"):
             compare.main([base, "--plot", str(tmp_path / "p.png")])
+        assert capsys.readouterr().out == ""  # said before any table, not after it
     pytest.importorskip("matplotlib")
     assert compare.main([base, "--plot", str(tmp_path / "p.png")]) == 0
     assert open(tmp_path / "p.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -1684,3 +1693,140 @@ def test_a_run_scores_hellaswag_into_its_record_log_and_compare_shows_it(shards,
     monkeypatch.setattr(hellaswag, "hf_hub_download", FakeHellaSwagHub(offline=True))
     run_expecting_error(tiny(shards, tmp_path, "--hellaswag", "3", "--run_id", "off"), capsys, "could not download HellaSwag")
     assert not os.path.exists(tmp_path / "logs" / "off.txt")  # found before any work
+
+
+# ---------------------------------------------------------------------------------------------------
+# Nothing wrong in silence, nothing lost: what a newcomer and an adversarial user tried
+
+def test_a_run_never_writes_into_another_runs_log_or_checkpoints(shards, tmp_path, capsys, monkeypatch):
+    assert T.main(tiny(shards, tmp_path, steps=2)) == 0
+    before = open(tmp_path / "logs" / "run.txt").read()
+    run_expecting_error(tiny(shards, tmp_path, steps=2), capsys, "--run_id run:", "run.txt exists: another run's")
+    assert open(tmp_path / "logs" / "run.txt").read() == before  # refused before any work: nothing appended
+    os.remove(tmp_path / "logs" / "run.txt")  # a log gone, its checkpoints still there: still another run's
+    run_expecting_error(tiny(shards, tmp_path, steps=2), capsys, "exists: another run's")
+    assert T.main(tiny(shards, tmp_path, "--resume", str(tmp_path / "logs" / "run" / "step_000002.pt"), steps=2)) == 0
+    default = [a for a in tiny(shards, tmp_path, "--tst_schedule", "4: 0.5", steps=2) if a not in ("--run_id", "run")]
+    monkeypatch.setattr(T.time, "strftime", lambda fmt: "20261130-120000")  # two launches in the same second
+    assert T.main(default) == 0 and T.main(default) == 0
+    logs = sorted(f for f in os.listdir(tmp_path / "logs") if f.endswith(".txt") and "cpu" in f)
+    assert len(logs) == 2 and logs[1] == logs[0][:-4] + "_2.txt" and " " not in logs[0]  # no spaces to break a paste
+    for bad in ["../../escaped", "a/b", "..", "has space", ""]:
+        run_expecting_error(tiny(shards, tmp_path, "--run_id", bad), capsys, "must be a plain name")
+    assert not (tmp_path.parent / "escaped.txt").exists()
+
+
+def test_a_log_dir_that_cannot_be_written_stops_before_the_warmup(shards, tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    warmups = []
+    monkeypatch.setattr(T, "warm_up", lambda *a: warmups.append(1))
+    for log_dir in [tmp_path / "afile", tmp_path / "afile" / "sub"]:
+        flags = tiny(shards, tmp_path)
+        flags[flags.index("--log_dir") + 1] = str(log_dir)
+        run_expecting_error(flags, capsys, f"--log_dir {log_dir}: cannot write the record log there (")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, mode="r", *a, **k: (_ for _ in ()).throw(
+        OSError(30, "Read-only file system")) if "x" in mode else real_open(path, mode, *a, **k))
+    run_expecting_error(tiny(shards, tmp_path), capsys, "cannot write the record log there (Read-only file system)")
+    assert warmups == []
+
+
+def full_disk_at(tmp_path, monkeypatch, nth):
+    """torch.save fails as its zip writer does on a full disk, from its nth call on, after writing part of the file."""
+    real, calls = torch.save, []
+
+    def save(state, path, *a, **k):
+        calls.append(path)
+        if len(calls) >= nth:
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 87012928 vs 87012816")
+        return real(state, path, *a, **k)
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_full_disk_names_what_could_not_be_written_and_the_last_good_checkpoint(shards, tmp_path, monkeypatch, capsys):
+    full_disk_at(tmp_path, monkeypatch, nth=2)  # the step-4 checkpoint is written, the step-8 one is not
+    run_expecting_error(tiny(shards, tmp_path, "--save_every", "4", steps=12), capsys, "could not write ",
+                        "step_000008.pt (", "bytes free on its disk); last good checkpoint: ", "step_000004.pt", code=1)
+    folder = tmp_path / "logs" / "run"
+    assert sorted(os.listdir(folder)) == ["step_000004.pt"]  # no partial file; the previous checkpoint whole
+    assert T.load_checkpoint(str(folder / "step_000004.pt"), T.parse_args(tiny(shards, tmp_path, steps=12)))["step"] == 4
+    assert log_lines(tmp_path)[-1].startswith("failed: step:8/12 WriteFailed: could not write")
+    monkeypatch.undo()
+    full_disk_at(tmp_path, monkeypatch, nth=2)  # the end checkpoint is written, the export is not
+    run_expecting_error(tiny(shards, tmp_path, "--run_id", "export", steps=2), capsys, "could not write",
+                        "model.pt", "last good checkpoint: ", "step_000002.pt", code=1)
+
+
+def test_a_log_line_that_cannot_be_written_is_one_line_naming_the_last_checkpoint(shards, tmp_path, monkeypatch, capsys):
+    real_line = T.RunLog.line
+
+    def line(self, text, console_extra=""):
+        if text.startswith("step:6/8 val_loss"):
+            self.file.write = lambda _: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+        return real_line(self, text, console_extra)
+    monkeypatch.setattr(T.RunLog, "line", line)
+    run_expecting_error(tiny(shards, tmp_path, "--save_every", "3", "--val_every", "6", steps=8), capsys,
+                        "could not write the record log", "(No space left on device); last good checkpoint: ",
+                        "step_000003.pt", code=1)  # validation comes before the step-6 checkpoint
+
+
+def test_flags_that_would_do_nothing_or_the_wrong_thing_are_refused_or_noted(shards, tmp_path, capsys):
+    run_expecting_error(tiny(shards, tmp_path, "--resume", ""), capsys, "--resume needs a checkpoint's path")
+    same = tiny(shards, tmp_path)
+    same[same.index("--val_files") + 1] = str(shards / "t_*.bin")  # every shard, the train ones too
+    run_expecting_error(same, capsys, "names train shards", "t_train_000001.bin", "validation would score text")
+    args = T.parse_args(tiny(shards, tmp_path, "--batch_size", "8", "--micro_batch_size", "8"), world_size=2)
+    assert args.micro_batch_size == 4 and args.notes == [
+        "note: --micro_batch_size 8 is more than a step's 8 sequences over 2 processes hold: 4 instead"]
+    assert T.main(tiny(shards, tmp_path, "--batch_size", "4", "--micro_batch_size", "8", steps=1)) == 0
+    assert "note: --micro_batch_size 8 is more than a step's 4 sequences over 1 processes hold: 4 instead" in log_lines(
+        tmp_path)
+
+
+def test_host_memory_a_step_cannot_have_is_refused_at_once_and_an_allocation_failure_is_one_line(
+        shards, tmp_path, monkeypatch, capsys):
+    run_expecting_error(tiny(shards, tmp_path, "--batch_size", "4000000", "--seq_len", "65536", "--val_tokens", "65536"), capsys,
+                        "a step's token windows alone take", "GiB of host memory, more than this machine's")
+
+    def no_memory(*a):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory:"
+                           " you tried to allocate 2056000000000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(T, "warm_up", no_memory)
+    assert T.main(tiny(shards, tmp_path, "--run_id", "oom")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: out of host memory (the process could not allocate more): lower --batch_size,"
+                   " --micro_batch_size or --seq_len")
+
+
+def test_resuming_a_finished_run_into_its_own_log_adds_a_note_only(shards, tmp_path, capsys):
+    assert T.main(tiny(shards, tmp_path, steps=4)) == 0
+    done = log_lines(tmp_path)
+    assert T.main(tiny(shards, tmp_path, "--resume", str(tmp_path / "logs" / "run" / "step_000004.pt"), steps=4)) == 0
+    lines = log_lines(tmp_path)
+    assert lines[:len(done)] == done and len(lines) == len(done) + 1 and lines[-1].startswith("note: resumed from")
+    assert compare.parse_log(str(tmp_path / "logs" / "run.txt"))["ending"].startswith("done:")
+
+
+def test_a_stop_signal_before_the_first_step_exits_at_once_with_one_line(shards, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(T, "warm_up", lambda *a: os.kill(os.getpid(), signal.SIGINT))
+    assert T.main(tiny(shards, tmp_path)) == 128 + signal.SIGINT
+    out, err = capsys.readouterr()
+    assert err.strip() == "stopped: SIGINT while no training step was running" and "Traceback" not in out + err
+    assert "warmup: a step of each bag size [1] and a validation batch, untimed ..." in out  # what it was doing
+    assert log_lines(tmp_path)[-1] == "failed: step:0/12 Stopped: SIGINT while no training step was running"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+
+
+def test_an_exported_model_given_to_resume_is_named_as_one(shards, tmp_path, capsys):
+    assert T.main(tiny(shards, tmp_path, steps=2)) == 0
+    run_expecting_error(tiny(shards, tmp_path, "--run_id", "b", "--resume", str(tmp_path / "logs" / "run" / "model.pt")),
+                        capsys, "an exported model (weights only", "which --eval_only reads")
+
+
+def test_compare_says_when_a_speedup_crosses_budgets(tmp_path, capsys):
+    base = synthetic_log(tmp_path / "b.txt", "", [(0, 10, 0, 0), (200, 4, 2000, 20), (400, 3.5, 4000, 40)])
+    short = synthetic_log(tmp_path / "s.txt", "4:0.3", [(0, 10, 0, 0), (30, 5, 300, 6), (60, 4.2, 600, 12)], seed=1)
+    assert compare.main([base, short]) == 0
+    assert "(budgets differ: 60 vs 400 steps)" in capsys.readouterr().out

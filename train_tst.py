@@ -19,6 +19,7 @@ import contextlib
 import glob
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -546,6 +547,9 @@ def batch_for(step, windows, args, device):
 ADAM_EPS_FOR_SUMMED_LOSS = 1e-10
 
 
+all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # its name from torch 2.13
+
+
 class Muon(torch.optim.Muon):
     """torch's Muon with its work split over ranks as the reference splits it: the matrices sorted by size, largest
     first, rank r updates the r-th of every world_size of them (and keeps their momentum alone), then every rank
@@ -569,7 +573,7 @@ class Muon(torch.optim.Muon):
             if self.rank < len(block):
                 mine[:block[self.rank].numel()] = block[self.rank].flatten()
             gathered = mine.new_empty(self.world_size * width)
-            dist.all_gather_into_tensor(gathered, mine)
+            all_gather_single(gathered, mine)
             for i, t in enumerate(block):
                 t.copy_(gathered[i * width:i * width + t.numel()].view_as(t))
 
@@ -973,6 +977,10 @@ def warm_up(train_model, model, optimizers, args, val_windows, world_size, devic
     val_loss_sum(model, val_windows[:args.micro_batch_size], args.micro_batch_size, device)
 
 
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                  else {"broadcast_buffers": False})  # the name torch 2.13 gives it
+
+
 def fit_micro_batch(raw_model, args, val_windows, world_size, device):
     """Compile (if asked), wrap in DDP and warm up, halving the micro-batch while any rank runs out of memory:
     gradient accumulation keeps the global batch, so the result does not change. The weights are put back from
@@ -991,7 +999,7 @@ def fit_micro_batch(raw_model, args, val_windows, world_size, device):
         model = torch.compile(raw_model, dynamic=False) if args.compile else raw_model
         # The rotary tables are the only buffers, the same on every rank: nothing to broadcast each step.
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                          broadcast_buffers=False) if world_size > 1 else model
+                          **NO_BUFFER_SYNC) if world_size > 1 else model
         out_of_memory, failure = False, None
         try:
             warm_up(train_model, model, make_optimizers(raw_model, args), args, val_windows, world_size, device)
@@ -1264,25 +1272,24 @@ def open_log(args, rank, world_size, device, resume_state, data_line):
 
 def create_log(args, resume_state, default):
     """The open log file: appended to when resuming the run that wrote it, else created new (exclusively: two runs
-    started at once cannot both take it)."""
+    started at once cannot both take it) where no run's log or checkpoints are."""
     os.makedirs(args.log_dir, exist_ok=True)
     path = os.path.join(args.log_dir, f"{args.run_id}.txt")
-    if resume_state and resume_state["run_id"] == args.run_id and os.path.exists(path):
+    if resume_state and resume_state["run_id"] == args.run_id:  # its own run: its log goes on (or starts again)
         return open(path, "a")
     for n in range(1, 1000):
         name = args.run_id if n == 1 else f"{args.run_id}_{n}"
-        path = os.path.join(args.log_dir, f"{name}.txt")
-        taken = os.path.exists(os.path.join(args.log_dir, name))  # its checkpoint folder
+        path, folder = os.path.join(args.log_dir, f"{name}.txt"), os.path.join(args.log_dir, name)
         try:
-            if taken:
+            if os.path.exists(folder):  # a run's checkpoints, even with its log gone
                 raise FileExistsError
             file = open(path, "x")
             args.run_id = name
             return file
         except FileExistsError:
             if not default:
-                raise UsageError(f"--run_id {args.run_id}: {path if not taken else os.path.join(args.log_dir, name)}"
-                                 " exists: another run's; give another --run_id, or --resume one of its checkpoints")
+                raise UsageError(f"--run_id {args.run_id}: {path if os.path.exists(path) else folder} exists: another"
+                                 " run's; give another --run_id, or --resume one of its checkpoints") from None
     raise UsageError(f"--log_dir {args.log_dir}: no free run id for {args.run_id}")
 
 

@@ -54,7 +54,8 @@ def parse_log(path):
     if not isinstance(settings, dict) or "tst_schedule" not in settings:
         raise NotARecord(f"{path}: not a train_tst.py record log (no hyperparameter JSON line)")
     vals = [(int(m[1]), float(m[3]), int(m[4]), int(m[6])) for m in map(VAL_LINE.match, lines) if m]
-    ending = lines[-1] if lines and lines[-1].split(":")[0] in ("done", "interrupted", "failed") else "unfinished"
+    last = next((l for l in reversed(lines) if l.strip() and not l.startswith("note:")), "")  # a resume's note after done:
+    ending = last if last.split(":")[0] in ("done", "interrupted", "failed") else "unfinished"
     if not vals and ending != "unfinished":  # a run that has just started has none yet: left out below, not refused
         raise NotARecord(f"{path}: record log without any validation line")
     hellaswag = next(((float(m[1]), float(m[2]), int(m[3])) for m in map(HELLASWAG_LINE.match, lines) if m), None)
@@ -219,6 +220,8 @@ def compare(runs, baseline_key, target=None):
                    step_time=fmt([describe(r)["ms"] / max(1, describe(r)["steps"]) / base_step_ms for r in group], 3),
                    data=f"{d['tokens'] / max(1, base['tokens']):.2f}",
                    ended=",".join(sorted({r["ending"].split(":")[0] for r in group})))
+        if d["steps"] != base["steps"]:  # an iso-loss speedup across budgets compares different schedules
+            row["speedup"] += f" (budgets differ: {d['steps']} vs {base['steps']} steps)"
         other = other_settings(group[0], groups[baseline_key][0])
         if other:
             row["other"] = other
@@ -470,6 +473,8 @@ def main(argv=None):
     p.add_argument("--noise", type=float, default=TRACK3_NOISE,
                    help="run-to-run standard deviation of one reference run, where its log has fewer than 3 trials")
     args = p.parse_args(argv)
+    if args.plot:
+        pyplot()  # says what to install before any table is printed
     try:
         runs = [parse_log(path) for path in log_paths(args.logs)]
         baseline = parse_log(args.baseline) if args.baseline else runs[0]
