@@ -82,7 +82,7 @@ IGNORE = -100  # target id that no loss counts (F.cross_entropy's ignore_index)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Flags without a default take the preset's value.")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Flags without a default take the preset's.")
     g = p.add_argument_group("data")
     g.add_argument("--train_files", help="glob of train shards (default: data/fineweb10B, else the bundled sample)")
     g.add_argument("--val_files", help="glob of val shards (same default)")
@@ -90,7 +90,7 @@ def build_parser():
     g.add_argument("--data_order", choices=["sequential", "shuffled"],
                    help="sequential: the speedrun's walk through the shards; shuffled: windows at random positions")
     g.add_argument("--allow_repeat", action="store_true",
-                   help="let a sequential run read its shards again when it runs out (it stops before any work otherwise)")
+                   help="let a sequential run read its shards again when they run out (else it stops before any work)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=["auto", "gpt2", "cpu"], default="auto",
                    help="auto: gpt2 with CUDA and FineWeb (or your --train_files), cpu otherwise")
@@ -105,7 +105,7 @@ def build_parser():
     g.add_argument("--tst_schedule", help='bag sizes piece by piece, "s:fraction,...", e.g. "8:0.1,4:0.1,2:0.1";'
                                           " replaces --tst_s/--tst_r")
     g.add_argument("--tst_mode", choices=["full", "input", "output"], default="full",
-                   help="full: bags in, next bag out; input: bags in, next token out; output: tokens in, next s tokens out")
+                   help="full: bags in, next bag out; input: bags in, next token out; output: tokens in, next s out")
     g.add_argument("--tst_weights", choices=["uniform", "power"], default="uniform",
                    help="weights of the bag slots in the loss (power: 1/i)")
     g.add_argument("--mtp_k", type=int, default=1, help="after TST, also predict the next k tokens from the same"
@@ -135,7 +135,7 @@ def build_parser():
     g.add_argument("--log_every", type=int, help="write a train line every K steps")
     g.add_argument("--log_dir", default="logs")
     g.add_argument("--run_id", help="log name (default: time and settings)")
-    g.add_argument("--save_every", type=int, default=0, help="checkpoint every K steps (0: only at switches and the end)")
+    g.add_argument("--save_every", type=int, default=0, help="checkpoint every K steps too (0: switches and end)")
     g.add_argument("--resume", help="checkpoint to continue from (same flags otherwise)")
     g.add_argument("--peak_tflops", type=float, default=989.0, help="accelerator bf16 peak for MFU (H100 SXM: 989)")
     g = p.add_argument_group("beyond val loss: HellaSwag and samples of the final model")
@@ -164,9 +164,10 @@ def parse_args(argv=None, world_size=None):
             setattr(args, key, value)
     args.notes = []  # for the record log
     if args.micro_batch_size * world_size > args.batch_size:
+        fits = max(1, args.batch_size // world_size)
         args.notes.append(f"note: --micro_batch_size {args.micro_batch_size} is more than a step's {args.batch_size}"
-                          f" sequences over {world_size} processes hold: {max(1, args.batch_size // world_size)} instead")
-        args.micro_batch_size = max(1, args.batch_size // world_size)
+                          f" sequences over {world_size} processes hold: {fits} instead")
+        args.micro_batch_size = fits
     if args.compile is None:
         args.compile = args.device == "cuda" or args.steps >= COMPILE_FROM_STEPS
     args.train_files = args.train_files or default_shards("train")
@@ -266,7 +267,7 @@ class ShardLoader:
         return dict(shard=self.shard, offset=self.offset, epoch=self.epoch, draws=self.draws)
 
     def load_state_dict(self, state):
-        self.shard, self.offset, self.epoch, self.draws = state["shard"], state["offset"], state["epoch"], state["draws"]
+        self.shard, self.offset, self.epoch, self.draws = (state[k] for k in ("shard", "offset", "epoch", "draws"))
 
 
 def load_val_windows(pattern, n_tokens, seq_len, rank, world_size, vocab_size):
@@ -280,7 +281,8 @@ def load_val_windows(pattern, n_tokens, seq_len, rank, world_size, vocab_size):
         if have == n_tokens + 1:
             break
     else:
-        raise UsageError(f"--val_tokens {n_tokens} needs {n_tokens + 1} tokens but the val shards {pattern} hold {have}")
+        raise UsageError(f"--val_tokens {n_tokens} needs {n_tokens + 1} tokens but the val shards {pattern}"
+                         f" hold {have}")
     windows = torch.from_numpy(np.concatenate(parts).astype(np.int64)).unfold(0, seq_len + 1, seq_len)
     share = len(windows) // world_size
     return windows[rank * share:(rank + 1) * share].contiguous()
@@ -323,7 +325,8 @@ class Rotary(nn.Module):
     def __init__(self, head_dim, max_len):
         super().__init__()
         freq = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4)
-        angle = torch.outer(torch.arange(max_len, dtype=torch.float32), torch.cat([freq, freq.new_zeros(head_dim // 4)]))
+        freq = torch.cat([freq, freq.new_zeros(head_dim // 4)])
+        angle = torch.outer(torch.arange(max_len, dtype=torch.float32), freq)
         self.register_buffer("cos", angle.cos()[:, None, :], persistent=False)
         self.register_buffer("sin", angle.sin()[:, None, :], persistent=False)
 
@@ -684,6 +687,7 @@ def train(args, stop, run):
     model, train_model, warmup_notes = fit_micro_batch(raw_model, args, val_windows, world_size, device)
     optimizers = make_optimizers(raw_model, args, rank, world_size)
     flops_per_step = model_flops_per_token(raw_model, args.seq_len) * args.batch_size * args.seq_len
+    flops_per_gpu = flops_per_step / world_size
     accum = log_model(log, raw_model, flops_per_step, args, world_size, resume_state, warmup_notes)
     start, train_ms, tokens_seen = resume(resume_state, raw_model, optimizers, loader, args)
     val_loss = reached = stop_votes = None
@@ -725,13 +729,14 @@ def train(args, stop, run):
                            f" last good checkpoint: {log.last_checkpoint}")
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             log.line(f"step:{step + 1}/{args.steps} train_loss:{train_loss:.4f} phase:{phase} s:{s}"
-                     f" {clock(step + 1, train_ms, tokens_seen)}{mfu(flops_per_step, world_size, step + 1, train_ms, args)}",
+                     f" {clock(step + 1, train_ms, tokens_seen)}{mfu(flops_per_gpu, step + 1, train_ms, args)}",
                      console_extra=eta(step + 1, train_ms, args.steps))
     stop.training = False  # what follows is not a training step: a stop signal stops it at once
     if not (last_step or reached):  # stopped by a signal
         signum = stop.caught[0] if stop.caught else signal.SIGTERM
-        log.close(f"interrupted: {signal.Signals(signum).name} at step:{step}/{args.steps} {clock(step, train_ms, tokens_seen)}"
-                  f"{peak_memory(device)}; continue with the same command and --resume {log.last_checkpoint}")
+        log.close(f"interrupted: {signal.Signals(signum).name} at step:{step}/{args.steps}"
+                  f" {clock(step, train_ms, tokens_seen)}{peak_memory(device)}; continue with the same command and"
+                  f" --resume {log.last_checkpoint}")
         return 128 + signum
     finish(args, raw_model, log, step, val_loss, reached, train_ms, tokens_seen, extras, rank, world_size, device)
     return 0
@@ -811,7 +816,8 @@ def check_args(args, world_size, on_sample, auto):
     if not 2 <= args.vocab_size <= 65536:
         raise UsageError(f"--vocab_size must be in [2, 65536] (shards hold uint16 ids), got {args.vocab_size}")
     if args.n_embd % args.n_head or (args.n_embd // args.n_head) % 4:
-        raise UsageError(f"--n_embd {args.n_embd} must split into --n_head {args.n_head} heads of a size divisible by 4")
+        raise UsageError(f"--n_embd {args.n_embd} must split into --n_head {args.n_head} heads of a size divisible"
+                         " by 4")
     if args.batch_size % (world_size * args.micro_batch_size):
         raise UsageError(f"--batch_size {args.batch_size} must be a multiple of {world_size} processes"
                          f" x --micro_batch_size {args.micro_batch_size}")
@@ -823,9 +829,10 @@ def check_args(args, world_size, on_sample, auto):
     if args.sample_tokens and not args.sample_prompt:
         raise UsageError("--sample_prompt must not be empty")
     if args.eval_only and not (args.hellaswag or args.sample_tokens):
-        raise UsageError("--eval_only needs --hellaswag N or --sample_tokens N: there is nothing else to do with the model")
+        raise UsageError("--eval_only needs --hellaswag N or --sample_tokens N: nothing else is done with the model")
     args.phases = parse_tst_schedule(args.tst_schedule, args.steps)
-    windows = args.batch_size // world_size * max(window_tokens(s, args.tst_mode, args.seq_len) for s in bag_sizes(args))
+    windows = args.batch_size // world_size * max(window_tokens(s, args.tst_mode, args.seq_len)
+                                                  for s in bag_sizes(args))
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if 8 * windows > host:  # found now, not after minutes of warmup
         raise UsageError(f"a step's token windows alone take {8 * windows / 2 ** 30:,.1f} GiB of host memory, more than"
@@ -945,7 +952,7 @@ def load_inputs(args, rank, world_size, device):
         for s in bag_sizes(args):
             check_fits(loader, window_tokens(s, args.tst_mode, args.seq_len))
         data_line = data_summary(loader, args)
-        shared = {os.path.realpath(f) for f in loader.files} & {os.path.realpath(f) for f in find_shards(args.val_files)}
+        shared = set(map(os.path.realpath, loader.files)) & set(map(os.path.realpath, find_shards(args.val_files)))
         if shared:
             raise UsageError(f"--val_files {args.val_files} names train shards ({sorted(shared)[0]}): validation would"
                              " score text the model trains on")
@@ -1169,11 +1176,11 @@ def clock(step, train_ms, tokens_seen):
     return f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step if step else 0.0:.2f}ms tokens:{tokens_seen}"
 
 
-def mfu(flops_per_step, world_size, step, train_ms, args):
-    """Model FLOPs utilisation against --peak_tflops (CUDA only)."""
+def mfu(flops_per_step, step, train_ms, args):
+    """Model FLOPs utilisation of one GPU's share of a step against --peak_tflops (CUDA only)."""
     if args.device != "cuda":
         return ""
-    return f" mfu:{100 * flops_per_step / world_size / (train_ms / step * 1e-3) / (args.peak_tflops * 1e12):.1f}%"
+    return f" mfu:{100 * flops_per_step / (train_ms / step * 1e-3) / (args.peak_tflops * 1e12):.1f}%"
 
 
 def eta(step, train_ms, steps):
@@ -1187,9 +1194,10 @@ def peak_memory(device):
 
 
 def device_lines(device, world_size):
-    """The header's hardware lines: the device, and on CUDA the output of nvidia-smi (noted, not fatal, when missing)."""
+    """The header's hardware lines: the device, and on CUDA nvidia-smi's output (noted, not fatal, when missing)."""
     if device.type != "cuda":
-        return [f"device cpu x{world_size}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"]
+        cpu = platform.processor() or platform.machine()
+        return [f"device cpu x{world_size}: {cpu}, {torch.get_num_threads()} threads"]
     lines = [f"device cuda x{world_size}: {torch.cuda.get_device_name(device)}"]
     try:
         lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=60).stdout)
@@ -1229,7 +1237,8 @@ class RunLog:
 
     def __exit__(self, kind, error, traceback):
         with contextlib.suppress(WriteFailed):  # a log that cannot be written cannot take its failed: line either
-            self.close(f"failed: step:{self.step}/{self.steps} " + (f"{kind.__name__}: {error}" if kind else "no last line"))
+            why = f"{kind.__name__}: {error}" if kind else "no last line"
+            self.close(f"failed: step:{self.step}/{self.steps} {why}")
 
 
 def open_log(args, rank, world_size, device, resume_state, data_line):
@@ -1259,7 +1268,7 @@ def open_log(args, rank, world_size, device, resume_state, data_line):
     if log.fresh:
         file.write(CODE + "\n" + "=" * 100 + "\n")
         versions = f"python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}"
-        file.write("\n".join([versions] + device_lines(device, world_size)) + "\n" + json.dumps(run_settings(args)) + "\n")
+        file.write("\n".join([versions, *device_lines(device, world_size), json.dumps(run_settings(args))]) + "\n")
         print(f"logging to {log.path}", flush=True)
         for note in args.notes:
             log.line(note)
@@ -1340,10 +1349,11 @@ def downstream(model, args, items, enc, rank, world_size, device):
     if items:
         counts = data_module("hellaswag").hellaswag_counts(model, items[rank::world_size], enc, device)
         right_norm, right = all_reduce_sum(list(counts), device)
-        lines.append(f"hellaswag: acc_norm {right_norm / len(items):.4f} acc {right / len(items):.4f} ({len(items)} items)")
+        n = len(items)
+        lines.append(f"hellaswag: acc_norm {right_norm / n:.4f} acc {right / n:.4f} ({n} items)")
     if args.sample_tokens:
-        new = model.generate(enc.encode(args.sample_prompt), args.sample_tokens, args.temperature, args.top_k, args.seed,
-                             enc.n_vocab)
+        prompt = enc.encode(args.sample_prompt)
+        new = model.generate(prompt, args.sample_tokens, args.temperature, args.top_k, args.seed, enc.n_vocab)
         lines.append("sample: " + json.dumps(args.sample_prompt + enc.decode(new)))
     return lines
 
@@ -1362,7 +1372,8 @@ def load_model(path, device):
     except FileNotFoundError:
         raise UsageError(f"--eval_only {path}: no such file") from None
     except Exception as e:
-        raise UsageError(f"--eval_only {path}: not a train_tst.py checkpoint or exported model ({type(e).__name__})") from None
+        raise UsageError(f"--eval_only {path}: not a train_tst.py checkpoint or exported model"
+                         f" ({type(e).__name__})") from None
     model = GPT(**config, dtype=DTYPES[dtype]).to(device)
     model.load_state_dict(state["model"])
     return model
