@@ -22,8 +22,8 @@ import train_tst as T
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-sys.path.insert(0, os.path.join(HERE, "data"))
-import cached_fineweb10B as download  # noqa: E402
+sys.path[:0] = [os.path.join(HERE, "data"), os.path.join(HERE, "records")]
+import compare  # noqa: E402
 import prepare  # noqa: E402
 
 VOCAB = 256
@@ -70,6 +70,19 @@ def val_losses(lines):
 def train_rows(lines):
     pattern = r"step:(\d+)/\d+ train_loss:(\S+) phase:(\w+) s:(\d+) .*tokens:(\d+)"
     return [(int(m[1]), float(m[2]), m[3], int(m[4]), int(m[5])) for m in (re.match(pattern, l) for l in lines) if m]
+
+
+def synthetic_log(path, schedule, points, seed=0, **other):
+    """A record log with val points (step, loss, ms, tokens)."""
+    settings = dict(dict(tst_schedule=schedule, tst_mode="full", seed=seed, steps=points[-1][0], embed_lr=0.001,
+                         train_files="/work/data/sample/sample_train_*.bin"), **other)
+    lines = ["# source", compare.SEPARATOR, "python 3 torch 2", json.dumps(settings)]
+    lines += [f"step:{s}/{points[-1][0]} val_loss:{l:.4f} train_time:{ms}ms step_avg:{ms / max(1, s):.2f}ms tokens:{t}"
+              for s, l, ms, t in points]
+    lines.append(f"done: step:{points[-1][0]}/{points[-1][0]} val_loss:{points[-1][1]:.4f}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -134,6 +147,12 @@ def test_make_bags_aligns_bag_j_with_the_tokens_of_bag_j_plus_1():
     assert targets[1, 0].tolist() == [16, 17, 18]
     labels = tokens[:, 1:]  # ordinary next-token labels, shifted left by s-1
     assert torch.equal(targets.flatten(1)[:, :-(s - 1)], labels[:, s - 1:])
+
+
+def test_multi_token_weights_stay_at_their_start_before_a_late_superposition_piece():
+    args = T.parse_args(["--tst_schedule", "1:0.2,8:0.2", "--mtp_k", "3", "--steps", "40", "--device", "cpu"])
+    _, _, weights = T.batch_for(0, torch.zeros(2, 17, dtype=torch.long), args, torch.device("cpu"))
+    assert weights.tolist() == [1.0, 0.5, 0.25]  # not past 1/2, 1/4: progress through the next-token phase is 0
 
 
 def test_next_tokens_gives_each_position_its_next_k_tokens():
@@ -222,6 +241,9 @@ def test_gpt2_preset_is_the_recipe_with_162354816_parameters():
     assert mult == pytest.approx([1, 1, 1, 1138 / 2275, 1 / 2275])
     val_steps = [k for k in range(args.steps + 1) if T.val_due(k, args)]  # every 125, every 25 over the last 10%
     assert val_steps == list(range(0, 2925, 125)) + list(range(2925, 3251, 25)) and len(val_steps) == 38
+    other = T.parse_args(GPT2 + ["--steps", "2000", "--val_every", "100", "--final_val_every", "30"])
+    late = [k for k in range(1790, 2001) if T.val_due(k, other)]  # every 100 goes on beside every 30
+    assert late == [1800, 1830, 1860, 1890, 1900, 1920, 1950, 1980, 2000]
 
 
 def test_recipe_initialisation():
@@ -487,9 +509,11 @@ def test_compiled_smoke_step(shards, tmp_path):
     assert torch._dynamo.config.fail_on_recompile_limit_hit and torch._dynamo.config.recompile_limit == 2 * (2 + 2)
 
 
-@pytest.mark.skipif(not os.environ.get("TST_SLOW"), reason="4-7 minutes on 2 cores: TST_SLOW=1 runs it (README, checks)")
-def test_compiled_gpt2_shape_runs_both_phases_and_writes_a_record_log(tmp_path):
+@pytest.mark.slow
+def test_compiled_gpt2_shape_runs_both_phases_and_writes_a_record_log(tmp_path, request):
     """The real gpt2 preset's model (12 x 768, vocab 50304) compiled on CPU, 2 steps in each TST phase."""
+    if "slow" not in request.config.getoption("markexpr"):
+        pytest.skip("4-7 minutes on 2 cores: python -m pytest -m slow test_train.py runs it")
     sample = os.path.join(HERE, "data", "sample")
     args = ["--preset", "gpt2", "--compile", "--seq_len", "32", "--batch_size", "2", "--micro_batch_size", "2",
             "--steps", "4", "--tst_s", "2", "--tst_r", "0.5", "--val_tokens", "64", "--val_every", "0",
@@ -1099,439 +1123,6 @@ def test_shard_reader_survives_random_mutations_with_only_the_clear_error(tmp_pa
             assert len(tokens) * 2 + 1024 == len(data)
             outcomes["ok"] += 1
     assert outcomes["refused"] > 200
-
-
-# ---------------------------------------------------------------------------------------------------
-# data/: shard writer and reader, text preparation, download, the bundled sample
-
-def test_data_tools_and_the_trainer_agree_on_the_shard_format(tmp_path):
-    assert (prepare.SHARD_MAGIC, prepare.SHARD_VERSION, prepare.HEADER_INTS) == (T.SHARD_MAGIC, T.SHARD_VERSION, T.HEADER_INTS)
-    whole = str(tmp_path / "whole.bin")
-    prepare.write_shard(whole, np.arange(300))
-    assert prepare.shard_problem(whole) is None and len(T.read_shard(whole)) == 300
-    for name, header, raw in [("magic", [7, 1, 3], None), ("version", [20240520, 2, 3], None),
-                              ("count", [20240520, 1, 4], None), ("zero", [20240520, 1, 0], None), ("short", None, b"\0" * 9)]:
-        path = bad_shard(str(tmp_path), f"{name}.bin", header=header, raw=raw)
-        assert prepare.shard_problem(path) is not None, name  # what the downloader refetches, the trainer refuses
-        with pytest.raises(T.UsageError):
-            T.read_shard(path)
-
-
-def test_writer_and_reader_round_trip(tmp_path):
-    tokens = np.array([0, 1, 50256, 65535, 7], dtype=np.int64)
-    path = str(tmp_path / "a.bin")
-    prepare.write_shard(path, tokens)
-    header = np.fromfile(path, dtype="<i4", count=256)
-    assert header[:3].tolist() == [20240520, 1, 5] and not header[3:].any()
-    assert os.path.getsize(path) == 1024 + 2 * 5
-    assert T.read_shard(path).tolist() == tokens.tolist()
-    with pytest.raises(prepare.DataError, match="does not fit the shard format's uint16"):
-        prepare.write_shard(path, [1, 70000])
-    with pytest.raises(prepare.DataError, match="empty shard"):
-        prepare.write_shard(path, [])
-    assert T.read_shard(path).tolist() == tokens.tolist()  # a refused write leaves the old shard
-
-
-def test_gpt2_encoding_works_offline_from_local_files():
-    enc = prepare.gpt2_encoding()
-    assert enc.encode_ordinary("Hello world") == [15496, 995]
-    assert enc.n_vocab == 50257 and enc.eot_token == 50256
-
-
-def test_local_bpe_files_prefer_tiktoken_cache(tmp_path, monkeypatch):
-    package = prepare.local_bpe_files()
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    for name, (url, _) in prepare.GPT2_BPE_URLS.items():
-        import hashlib
-        (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(open(package[name], "rb").read())
-    assert all(str(tmp_path) in p for p in prepare.local_bpe_files().values())
-
-
-DOCS = ["The quick brown fox jumps over the lazy dog.\n" * 40, "Pack my box with five dozen liquor jugs. " * 60,
-        "Sphinx of black quartz, judge my vow!\n" * 50]
-
-
-def test_prepare_makes_shards_that_decode_back_to_the_text(tmp_path):
-    (tmp_path / "a.txt").write_text(DOCS[0])
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in DOCS[1:]) + "\n")
-    out = tmp_path / "out"
-    assert prepare.main([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "--out", str(out), "--name", "tiny",
-                         "--val_tokens", "100", "--shard_tokens", "500"]) == 0
-    names = sorted(os.listdir(out))
-    assert names[0] == "tiny_train_000001.bin" and names[-1] == "tiny_val_000000.bin" and len(names) > 2
-    val = T.read_shard(str(out / "tiny_val_000000.bin"))
-    assert len(val) == 100
-    train = [T.read_shard(str(out / n)) for n in names[:-1]]
-    assert all(len(t) == 500 for t in train[:-1])
-    stream = np.concatenate([val] + train).tolist()
-    enc = prepare.gpt2_encoding()
-    docs, current = [], None
-    for tok in stream:
-        if tok == prepare.EOT:
-            current = []
-            docs.append(current)
-        else:
-            current.append(tok)
-    assert [enc.decode(d) for d in docs] == DOCS
-    again = tmp_path / "again"
-    assert prepare.main([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), "--out", str(again), "--name", "tiny",
-                         "--val_tokens", "100", "--shard_tokens", "500", "--workers", "2"]) == 0
-    assert all(open(out / n, "rb").read() == open(again / n, "rb").read() for n in names)
-
-
-def test_prepare_refuses_empty_or_bad_input(tmp_path, capsys):
-    (tmp_path / "empty.txt").write_text("  \n")
-    assert prepare.main([str(tmp_path / "empty.txt"), "--out", str(tmp_path / "o")]) == 2
-    assert "holds 0 tokens" in capsys.readouterr().err
-    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
-    assert prepare.main([str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")]) == 2
-    assert "bad.jsonl:1: not a JSON object with a 'text' field" in capsys.readouterr().err
-    assert prepare.main([str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
-    assert "no such input file" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
-
-
-class FakeHub:
-    """Stands in for hf_hub_download: writes shards into local_dir, broken ones where asked."""
-
-    def __init__(self, broken=(), offline=False):
-        self.calls, self.broken, self.offline = [], list(broken), offline
-
-    def __call__(self, repo_id, filename, repo_type, local_dir, force_download=False):
-        self.calls.append((repo_id, filename, force_download))
-        if self.offline:
-            from huggingface_hub.errors import LocalEntryNotFoundError
-            raise LocalEntryNotFoundError("Cannot reach huggingface.co: offline")
-        path = os.path.join(local_dir, filename)
-        prepare.write_shard(path, np.arange(2000) % 50257)
-        if filename in self.broken:
-            self.broken.remove(filename)
-            with open(path, "r+b") as f:
-                f.truncate(1500)
-        return path
-
-
-def test_download_fetches_val_and_train_shards_and_skips_whole_ones(tmp_path, monkeypatch, capsys):
-    hub = FakeHub()
-    monkeypatch.setattr(download, "hf_hub_download", hub)
-    assert download.main(["2", "--dir", str(tmp_path)]) == 0
-    assert [c[:2] for c in hub.calls] == [("kjj0/fineweb10B-gpt2", f) for f in
-                                          ("fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin")]
-    monkeypatch.setattr(download, "hf_hub_download", FakeHub(offline=True))  # a second run needs no network
-    assert download.main(["2", "--dir", str(tmp_path)]) == 0
-    assert "0 shards downloaded, 3 already present" in capsys.readouterr().out
-    hub = FakeHub()
-    monkeypatch.setattr(download, "hf_hub_download", hub)
-    assert download.main(["1", "--dataset", "finewebedu10B", "--dir", str(tmp_path / "edu")]) == 0
-    assert [c[:2] for c in hub.calls] == [("kjj0/finewebedu10B-gpt2", "finewebedu_val_000000.bin"),
-                                          ("kjj0/finewebedu10B-gpt2", "finewebedu_train_000001.bin")]
-
-
-def test_download_replaces_truncated_and_corrupt_shards(tmp_path, monkeypatch, capsys):
-    bad_shard(str(tmp_path), "fineweb_train_000001.bin", raw=b"\x00" * 3000)  # left by an interrupted run
-    hub = FakeHub(broken=["fineweb_val_000000.bin"])  # and one that arrives truncated
-    monkeypatch.setattr(download, "hf_hub_download", hub)
-    assert download.main(["1", "--dir", str(tmp_path)]) == 0
-    err = capsys.readouterr().err
-    assert "fineweb_train_000001.bin: no shard header" in err and "not the 5024 its header says; fetching it again" in err
-    assert [c[1:] for c in hub.calls] == [("fineweb_val_000000.bin", False), ("fineweb_val_000000.bin", True),
-                                          ("fineweb_train_000001.bin", False)]
-    for name in ("fineweb_val_000000.bin", "fineweb_train_000001.bin"):
-        assert len(T.read_shard(str(tmp_path / name))) == 2000
-    monkeypatch.setattr(download, "hf_hub_download", FakeHub(broken=["fineweb_train_000002.bin"] * 2))
-    assert download.main(["2", "--dir", str(tmp_path)]) == 1
-    assert "still corrupt after downloading twice" in capsys.readouterr().err
-    assert not (tmp_path / "fineweb_train_000002.bin").exists()  # never left looking whole
-
-
-def test_a_failed_download_leaves_nothing_the_trainer_would_pick_up(tmp_path, monkeypatch, capsys):
-    target = tmp_path / "fineweb10B"
-    monkeypatch.setattr(download, "hf_hub_download", FakeHub(offline=True))
-    assert download.main(["1", "--dir", str(target)]) == 1
-    assert not target.exists()  # the hub's .cache went to the staging folder, not here
-    monkeypatch.setattr(T, "FINEWEB_DIR", str(target))
-    target.mkdir()  # an empty or half-made folder (an older download) does not switch the default to FineWeb
-    (target / ".cache").mkdir()
-    assert T.default_shards("train").endswith(os.path.join("sample", "sample_train_*.bin"))
-    monkeypatch.setattr(download, "hf_hub_download", FakeHub(broken=["fineweb_train_000001.bin"] * 2))
-    assert download.main(["1", "--dir", str(target)]) == 1  # the val shard arrives whole, the train shard never
-    assert sorted(os.listdir(target)) == [".cache", "fineweb_val_000000.bin"]
-    assert T.default_shards("train").endswith(os.path.join("sample", "sample_train_*.bin"))
-    monkeypatch.setattr(download, "hf_hub_download", FakeHub())
-    assert download.main(["1", "--dir", str(target)]) == 0
-    assert T.default_shards("train") == os.path.join(str(target), "fineweb_train_*.bin")
-    assert not (tmp_path / "fineweb10B.partial").exists()
-
-
-def test_download_without_network_says_what_could_not_be_reached(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(download, "hf_hub_download", FakeHub(offline=True))
-    assert download.main(["1", "--dir", str(tmp_path)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: could not download fineweb_val_000000.bin from the Hugging Face dataset kjj0/fineweb10B-gpt2")
-    assert "LocalEntryNotFoundError" in err and len(err.splitlines()) == 1
-
-
-def test_bundled_sample_is_the_default_without_fineweb():
-    if os.path.isdir(os.path.join(HERE, "data", "fineweb10B")):
-        pytest.skip("FineWeb shards are present, so they are the default")
-    args = T.parse_args([])
-    assert args.train_files.endswith(os.path.join("data", "sample", "sample_train_*.bin"))
-    train = [T.read_shard(f) for f in T.find_shards(args.train_files)]
-    val = [T.read_shard(f) for f in T.find_shards(args.val_files)]
-    total = sum(map(len, train + val))
-    assert 3_000_000 <= total <= 5_000_000 and sum(os.path.getsize(f) for f in T.find_shards(args.train_files)) < 10e6
-    assert max(int(t.max()) for t in train + val) <= 50256
-    assert sum(map(len, val)) >= args.val_tokens
-
-
-# ---------------------------------------------------------------------------------------------------
-# records/compare.py
-
-sys.path.insert(0, os.path.join(HERE, "records"))
-import compare  # noqa: E402
-
-
-def synthetic_log(path, schedule, points, seed=0, **other):
-    """A record log with val points (step, loss, ms, tokens)."""
-    settings = dict(dict(tst_schedule=schedule, tst_mode="full", seed=seed, steps=points[-1][0], embed_lr=0.001,
-                         train_files="/work/data/sample/sample_train_*.bin"), **other)
-    lines = ["# source", compare.SEPARATOR, "python 3 torch 2", json.dumps(settings)]
-    lines += [f"step:{s}/{points[-1][0]} val_loss:{l:.4f} train_time:{ms}ms step_avg:{ms / max(1, s):.2f}ms tokens:{t}"
-              for s, l, ms, t in points]
-    lines.append(f"done: step:{points[-1][0]}/{points[-1][0]} val_loss:{points[-1][1]:.4f}")
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-def test_compare_parses_a_real_log_from_a_tiny_run(shards, tmp_path, capsys):
-    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--tst_r", "0.5", steps=8)) == 0
-    run = compare.parse_log(str(tmp_path / "logs" / "run.txt"))
-    assert run["settings"]["tst_s"] == 2 and run["switches"] == [4] and run["ending"].startswith("done")
-    assert [v[0] for v in run["vals"]] == [0, 4, 8] and run["vals"][-1][3] == 4 * 16 * (2 * 4 + 4)
-    capsys.readouterr()
-    assert compare.main([str(tmp_path / "logs" / "run.txt")]) == 0
-    table = capsys.readouterr().out
-    assert "| run | seeds | s | r |" in table and "| run | 1 | 2 | 0.5 | full | 8 | 768 |" in table
-
-
-def test_iso_loss_speedup_on_synthetic_logs_with_a_known_answer(tmp_path):
-    base = compare.parse_log(synthetic_log(tmp_path / "b.txt", "", [(0, 10, 0, 0), (10, 5, 100, 10), (20, 4, 200, 20)]))
-    fast = compare.parse_log(synthetic_log(tmp_path / "f.txt", "4:0.3", [(0, 10, 0, 0), (10, 4.5, 50, 40), (20, 3.5, 100, 50)]))
-    # both reach 4.0: the baseline at 200 ms, the run at 50 + 0.5 * 50 = 75 ms
-    assert compare.speedup(base["vals"], fast["vals"]) == pytest.approx(200 / 75)
-    assert compare.speedup(base["vals"], fast["vals"], axis=0) == pytest.approx(20 / 15)
-    slow = compare.parse_log(synthetic_log(tmp_path / "s.txt", "4:0.3", [(0, 10, 0, 0), (20, 4.5, 200, 50)]))
-    # the run ends worse, at 4.5: the baseline got there at 100 + 0.5 * 100 ms
-    assert compare.speedup(base["vals"], slow["vals"]) == pytest.approx(150 / 200)
-    started = compare.parse_log(synthetic_log(tmp_path / "u.txt", "8:0.3", [(0, 10, 0, 0)]))
-    assert math.isnan(compare.speedup(base["vals"], started["vals"]))  # a run with no progress has no speedup
-    rows = compare.compare([base, fast, slow], compare.config_key(base), target=4.6)
-    assert rows[0]["speedup"] == "1.000" and rows[1]["seeds"] == 2 and rows[1]["data"] == "2.50"
-    assert rows[1]["speedup"] == f"{np.mean([200 / 75, 150 / 200]):.3f} ± {np.std([200 / 75, 150 / 200], ddof=1):.3f}"
-
-
-def test_compare_leaves_out_unfinished_runs_unless_asked(tmp_path, capsys):
-    base = synthetic_log(tmp_path / "b.txt", "", [(0, 10, 0, 0), (10, 5, 100, 10), (20, 4, 200, 20)])
-    cut = tmp_path / "c.txt"
-    cut.write_text(open(base).read().replace("done: step:20/20", "interrupted: SIGTERM at step:20/20"))
-    assert compare.main([base, str(cut)]) == 0
-    out, err = capsys.readouterr()
-    assert "left out, not finished: c" in err and "| b | 1 |" in out
-    assert compare.main([base, str(cut), "--include_unfinished"]) == 0
-    assert "| b (+1) | 2 |" in capsys.readouterr().out
-    assert compare.main([base, str(tmp_path)]) == 0  # named and inside the folder: read once
-    assert "| b | 1 |" in capsys.readouterr().out
-
-
-def test_compare_names_the_settings_a_run_changes_beyond_its_columns(tmp_path, capsys):
-    points = [(0, 10, 0, 0), (10, 5, 100, 10), (20, 4, 200, 20)]
-    base = synthetic_log(tmp_path / "b.txt", "", points)
-    synthetic_log(tmp_path / "t.txt", "4:0.3", points, seed=1)  # TST and seed have columns or pool: nothing to add
-    synthetic_log(tmp_path / "e.txt", "4:0.3", points, embed_lr=0.01)
-    synthetic_log(tmp_path / "o.txt", "", points, seed=1, train_files="/elsewhere/offset/sample_train_*.bin")
-    synthetic_log(tmp_path / "m.txt", "", points, seed=2, train_files="/other/machine/sample/sample_train_*.bin")
-    assert compare.main([base, str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "| other settings |" in out and "| e | 1 | 4 | 0.3 | full | embed_lr=0.01 |" in out
-    assert "| t | 1 | 4 | 0.3 | full |  |" in out
-    assert "| o | 1 | 1 | - | - | train_data=offset/sample_train_*.bin |" in out  # other data: not a seed of b
-    assert "| b (+1) | 2 | 1 | - | - |  |" in out  # m: the same shards on another machine's path, a seed of b
-    assert compare.main([base, str(tmp_path / "t.txt")]) == 0
-    assert "other settings" not in capsys.readouterr().out  # the column shows only when a run has one
-
-
-def test_p_value_of_a_record_claim():
-    assert compare.student_t_sf(1.0, 2) == pytest.approx(0.5 - 1 / (2 * math.sqrt(3)), abs=1e-6)
-    assert compare.student_t_sf(0.0, 5) == pytest.approx(0.5, abs=1e-6)
-    assert compare.p_value_under([3.270, 3.272, 3.268, 3.271], 3.28) < 0.01
-    assert compare.p_value_under([3.270, 3.29, 3.275], 3.28) > 0.05
-
-
-def test_crossover_pairs_each_tst_run_with_the_baseline_of_its_seed_and_budget(tmp_path, capsys):
-    def log(name, schedule, seed, steps, final, n_embd=128):
-        points = [(0, 10, 0, 0), (steps // 2, 5, 50 * steps, 10 * steps), (steps, final, 100 * steps, 20 * steps)]
-        return synthetic_log(tmp_path / f"{name}.txt", schedule, points, seed=seed, n_layer=4, n_embd=n_embd)
-    log("b20_0", "", 0, 20, 4.0), log("b20_1", "", 1, 20, 4.2), log("b20_2", "", 2, 20, 4.1)
-    log("t20_0", "4:0.3", 0, 20, 4.1), log("t20_1", "4:0.3", 1, 20, 4.25), log("t20_9", "4:0.3", 9, 20, 3.0)  # no base
-    log("b40_0", "", 0, 40, 3.6), log("t40_0", "4:0.3", 0, 40, 3.5)
-    log("w40_0", "", 0, 40, 3.0, n_embd=256), log("wt40_0", "4:0.3", 0, 40, 3.1, n_embd=256)
-    points = compare.crossover([compare.parse_log(str(p)) for p in sorted(tmp_path.glob("*.txt"))])
-    assert [(p["testbed"], p["steps"], p["seeds"]) for p in points] == [("4x128", 20, 2), ("4x128", 40, 1), ("4x256", 40, 1)]
-    assert points[0]["gap"] == pytest.approx([0.1, 0.05]) and points[0]["tst"] == "4:0.3"
-    # behind on both seeds: paired t = -0.075 / (0.0354 / sqrt 2) = -3, one degree of freedom; one seed: no test
-    assert points[0]["p_ahead"] == pytest.approx(0.5 + math.atan(3) / math.pi, abs=1e-4) and math.isnan(points[1]["p_ahead"])
-    # seed 0 at 20 steps: TST ends at 4.1, which its baseline reached at step 10 + (5 - 4.1) / (5 - 4) * 10 = 19
-    assert points[0]["step_speedup"][0] == pytest.approx(19 / 20)
-    assert points[1]["step_speedup"] == [pytest.approx(40 / (20 + (5 - 3.6) / (5 - 3.5) * 20))]  # TST ahead: > 1
-    assert compare.main([str(tmp_path), "--crossover"]) == 0
-    out = capsys.readouterr().out
-    assert "| 4x128 | 4:0.3 | 20 | 2 | 4.1000 ± 0.1414 | 4.1750 ± 0.1061 | 0.0750 ± 0.0354 |" in out
-    assert compare.main([str(tmp_path / "b20_0.txt"), str(tmp_path / "t40_0.txt"), "--crossover"]) == 2
-    assert "no TST run has a baseline" in capsys.readouterr().err
-    pytest.importorskip("matplotlib")
-    assert compare.main([str(tmp_path), "--crossover", "--plot", str(tmp_path / "map.png")]) == 0
-    assert open(tmp_path / "map.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    # a fit per TST setting, only where its points outnumber the plane's terms (4:0.3: 4 points, output: 1)
-    log("b80_0", "", 0, 80, 3.3), log("t80_0", "4:0.3", 0, 80, 3.35)
-    synthetic_log(tmp_path / "o40_0.txt", "4:0.3", [(0, 10, 0, 0), (20, 5, 2000, 400), (40, 3.7, 4000, 800)],
-                  tst_mode="output", n_layer=4, n_embd=128)
-    capsys.readouterr()
-    assert compare.main([str(tmp_path), "--crossover", "--fit", "--plot", str(tmp_path / "map.png")]) == 0
-    out = capsys.readouterr().out
-    assert "fit over 4 points, TST 4:0.3: gap = a + b ln N + c ln S" in out
-    assert "no fit for TST 4:0.3 output: 1 point(s), no more than the plane's terms" in out
-
-
-def test_compare_refuses_what_is_not_a_record_log(tmp_path, capsys):
-    (tmp_path / "notes.txt").write_text("step:1/2 val_loss:3.0\n")
-    assert compare.main([str(tmp_path / "notes.txt")]) == 2
-    assert "not a train_tst.py record log" in capsys.readouterr().err
-    (tmp_path / "half.txt").write_text("x\n" + compare.SEPARATOR + "\nno json here\n")
-    assert compare.main([str(tmp_path / "half.txt")]) == 2
-    assert "no hyperparameter JSON line" in capsys.readouterr().err
-    (tmp_path / "started.txt").write_text("x\n" + compare.SEPARATOR + '\n{"tst_schedule": ""}\nmodel: 1 parameters\n')
-    done = synthetic_log(tmp_path / "done.txt", "", [(0, 10, 0, 0), (10, 5, 100, 10)])
-    assert compare.main([done, str(tmp_path / "started.txt")]) == 0  # a run that has just started is left out
-    assert "left out, not finished: started" in capsys.readouterr().err
-    (tmp_path / "ended.txt").write_text("x\n" + compare.SEPARATOR + '\n{"tst_schedule": ""}\ndone: step:0/0\n')
-    assert compare.main([str(tmp_path / "ended.txt")]) == 2
-    assert "record log without any validation line" in capsys.readouterr().err
-
-
-def test_plot_draws_curves_or_says_how_to_get_matplotlib(tmp_path, monkeypatch, capsys):
-    base = synthetic_log(tmp_path / "b.txt", "", [(0, 10, 0, 0), (10, 5, 100, 10), (20, 4, 200, 20)])
-    with monkeypatch.context() as m:
-        m.setitem(sys.modules, "matplotlib", None)
-        with pytest.raises(SystemExit, match="pip install matplotlib"):
-            compare.main([base, "--plot", str(tmp_path / "p.png")])
-        assert capsys.readouterr().out == ""  # said before any table, not after it
-    pytest.importorskip("matplotlib")
-    assert compare.main([base, "--plot", str(tmp_path / "p.png")]) == 0
-    assert open(tmp_path / "p.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-def track3_log(path, trials):
-    """A log in modded-nanogpt's track-3 format (the source, '=' lines, then its own val lines), trials one after another."""
-    lines = ['"""train_gpt_simple.py"""', compare.SEPARATOR, "Running PyTorch 2.10.0+cu128 compiled for CUDA 12.8", compare.SEPARATOR]
-    for points in trials:
-        n = points[-1][0]
-        lines += [f"step:{s}/{n} val_loss:{l:.5f} train_time:{s * 0.15365:.3f}s step_avg:{153.65 if s else float('nan'):.2f}ms"
-                  for s, l in points]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-def test_reference_check_reads_the_track3_format_and_flags_what_is_outside_the_noise(tmp_path, capsys):
-    ref = track3_log(tmp_path / "03eada03.txt", [[(0, 10.82584), (125, 4.61126), (3500, 3.27847), (3600, 3.27568)]])
-    assert compare.parse_reference(ref) == [[(0, 10.82584), (125, 4.61126), (3500, 3.27847), (3600, 3.27568)]]
-    ours = synthetic_log(tmp_path / "ours.txt", "", [(0, 10.8258, 0, 0), (125, 4.6300, 1, 1), (3500, 3.2770, 2, 2), (3600, 3.2790, 3, 3)])
-    assert compare.main([ours, "--reference", ref]) == 0
-    out = capsys.readouterr().out
-    tolerance = 3 * 0.0013 * math.sqrt(2)  # one run each side, the README's sigma
-    assert f"| 3500 | 3.2785 | 0.0013 (track-3 README) | 3.2770 | 1 of 1 (±{tolerance:.4f}) | -0.0015 | yes |" in out
-    assert f"| 3600 | 3.2757 | 0.0013 (track-3 README) | 3.2790 | 1 of 1 (±{tolerance:.4f}) | +0.0033 | yes |" in out
-    assert f"| 125 | 4.6113 | 0.0013 (track-3 README) | 4.6300 | 0 of 1 (±{tolerance:.4f}) | +0.0187 | no (3σ: {tolerance:.4f}) |" in out
-    assert "3 of 4 validation steps: our mean within 3σ of the reference's" in out
-    assert compare.main([ours, "--reference", ours]) == 2
-    assert "no track-3 validation line" in capsys.readouterr().err
-
-
-def test_reference_check_against_a_folder_of_ten_runs_judges_each_run_and_our_mean(tmp_path, capsys):
-    folder = tmp_path / "20260610_tuned_baseline_3250"
-    folder.mkdir()
-    offsets = [-0.0015, -0.001, -0.0005, 0.0, 0.0, 0.0, 0.0, 0.0005, 0.001, 0.0015]  # sd 0.000943 at the last step
-    for i, d in enumerate(offsets):  # one run a file, as result #36's logs
-        track3_log(folder / f"{i:08x}-run.txt", [[(0, 10.82584), (2925, 3.3139 + d / 2), (3250, 3.2787 + d)]])
-    sd = float(np.std([3.2787 + d for d in offsets], ddof=1))
-    runs = [synthetic_log(tmp_path / f"ours{k}.txt", "", [(0, 10.8258, 0, 0), (2925, 3.3140, 1, 1), (3250, loss, 2, 2)], seed=k)
-            for k, loss in enumerate([3.2790, 3.2830, 3.2800])]  # the second run alone is out: +0.0043 > 3 sd x 1.049
-    assert compare.main(runs + ["--reference", str(folder)]) == 0
-    out = capsys.readouterr().out
-    one_run, of_mean = 3 * sd * math.sqrt(1 + 1 / 10), 3 * sd * math.sqrt(1 / 3 + 1 / 10)
-    assert (f"| 3250 | 3.2787 | {sd:.4f} (10 trials) | 3.2790 3.2830 3.2800 | 2 of 3 (±{one_run:.4f}) | +0.0020 |"
-            f" no (3σ: {of_mean:.4f}) |") in out  # each run but one is in the noise; their mean, 3 runs, is not
-    assert "| 2925 |" in out and "| 0 | 10.8258 |" in out
-    assert "target: mean val loss at the last step 3.2807 over 3 run(s), not under 3.28" in out
-    assert compare.main(runs[:1] + ["--reference", str(folder)]) == 0
-    out = capsys.readouterr().out
-    assert "1 of 1" in out and "| +0.0003 | yes |" in out
-    assert "target: mean val loss at the last step 3.2790 over 1 run(s), under 3.28" in out
-
-
-# ---------------------------------------------------------------------------------------------------
-# data/debian_corpus.py: the CPU corpus from Debian documentation
-
-import debian_corpus  # noqa: E402
-
-
-def test_debian_corpus_keeps_what_a_reader_sees_of_an_html_page():
-    page = """<html><head><title>T</title><script>var x = 1;</script></head><body>
-    <div class="navheader"><p>Prev <p>Next</div>
-    <nav><ul><li>Home<li>Index</ul></nav>
-    <div class="sidebar"><div class="toc"><p>Contents</div></div>
-    <h1>Chapter 7. Queries</h1><p>A <b>query</b> &amp; its plan.<br>Second line.
-    <style>p { color: red }</style><div class="footer">(c) 2023</div><p>Last words.</body></html>"""
-    assert debian_corpus.html_to_text(page) == "Chapter 7. Queries\nA query & its plan.\nSecond line.\nLast words."
-
-
-def test_debian_corpus_holds_out_whole_documents_for_val(tmp_path):
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
-    docs = [dict(package="p", path=f"d{i}", text=" ".join(words[i % 10:] + words[:i % 10]) * (20 + i)) for i in range(30)]
-    val_docs, written = debian_corpus.write_corpus(docs, str(tmp_path / "out"), "deb", 2000, 10**6, str(tmp_path / "work"), seed=1)
-    enc = prepare.gpt2_encoding()
-
-    def documents(path):
-        return [enc.decode(list(d)) for d in np.split(np.asarray(T.read_shard(path)), np.where(T.read_shard(path) == prepare.EOT)[0])[1:]]
-
-    val, train = documents(written[0][0]), documents(written[1][0])
-    assert written[0][1] >= 2000 and len(val) == val_docs and len(val) + len(train) == 30
-    texts = {d["text"] for d in docs}
-    assert {t[len("<|endoftext|>"):] for t in val} <= texts and {t[len("<|endoftext|>"):] for t in train} <= texts
-    assert not set(val) & set(train)
-
-
-def test_gap_fit_recovers_a_known_plane_and_its_zero_crossing(tmp_path, capsys):
-    a, b, c = 0.5, 0.01, -0.08  # gap = a + b ln N + c ln S
-    points = [dict(testbed=f"{n}x", tst="4:0.3", size=size, steps=steps, gap=[a + b * math.log(size) + c * math.log(steps) + noise])
-              for n, (size, steps, noise) in enumerate([(1e6, 100, 0.0), (1e6, 400, 0.001), (1e6, 1600, -0.001),
-                                                         (5e6, 400, 0.0), (5e6, 1600, 0.0005), (2e7, 800, -0.0005)])]
-    fit = compare.fit_gap(points)
-    assert fit["terms"] == ["a", "b", "c"] and fit["dof"] == 3
-    assert [fit["coef"][t] for t in "abc"] == pytest.approx([a, b, c], abs=0.01)
-    steps, low, high = compare.zero_crossing_steps(fit, 1e6)
-    assert steps == pytest.approx(math.exp(-(a + b * math.log(1e6)) / c), rel=0.05) and low < steps < high
-    one_size = compare.fit_gap([p for p in points if p["size"] == 1e6])
-    assert one_size["terms"] == ["a", "c"]  # a single size: no size term
-    flat = compare.fit_gap([dict(p, gap=[0.1 + 0.001 * math.log(p["steps"])]) for p in points])
-    assert compare.zero_crossing_steps(flat, 1e6) is None  # a gap growing with the budget never crosses
-    assert compare.fit_gap(points[3:5]) is None  # two points, two terms: nothing left to estimate the error
-    value, se = compare.fitted_gap(fit, 1e6, 1000)
-    assert value == pytest.approx(a + b * math.log(1e6) + c * math.log(1000), abs=0.002) and 0 < se < 0.002
-    lines = compare.fit_lines(fit, points[:1])
-    assert lines[0].startswith("fit over 1 points, TST 4:0.3: gap = a + b ln N + c ln S") and "crosses zero at" in lines[1]
-    label, size, steps, measured = compare.PUBLIC_POINTS[0]
-    expected = a + b * math.log(size) + c * math.log(steps)
-    assert lines[2].startswith(f"extrapolated to {label} (N = {size / 1e6:.2f}M, {steps:,} steps): {expected:+.3f} ± ")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -532,7 +532,7 @@ def batch_for(step, windows, args, device):
         return tokens[:, :-1], tokens[:, 1:], None
     if s == 1:
         phase_end = superposition_end(args.phases)
-        progress = (step - phase_end) / max(1, args.steps - phase_end)
+        progress = max(0.0, (step - phase_end) / max(1, args.steps - phase_end))  # 0 before the superposition
         return tokens[:, :-1], next_tokens(tokens, args.mtp_k), mtp_weights(args.mtp_k, progress, device)
     weights = slot_weights(s, args.tst_weights, device)
     if args.tst_mode == "output":
@@ -630,8 +630,8 @@ def lr_multiplier(step, args):
 
 def val_due(step, args):
     """Validate at the start, at the end, every val_every steps, and every final_val_every over the last 10%."""
-    every = args.final_val_every if args.final_val_every and 10 * step >= 9 * args.steps else args.val_every
-    return step in (0, args.steps) or (every > 0 and step % every == 0)
+    late = args.final_val_every and 10 * step >= 9 * args.steps and step % args.final_val_every == 0
+    return step in (0, args.steps) or bool(late) or (args.val_every > 0 and step % args.val_every == 0)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -719,7 +719,9 @@ def train(args, stop, run):
         windows = loader.next_batch(window_tokens(s, args.tst_mode, args.seq_len))
         inputs, targets, weights = batch_for(step, windows, args, device)
         loss = train_step(train_model, optimizers, inputs, targets, weights, accum, lr_multiplier(step, args))
-        loss_sum, stop_votes = all_reduce_sum([loss, len(stop.caught)], device)  # one host sync a step
+        loss_sum, stop_votes, failed = all_reduce_sum([loss, len(stop.caught), log.error is not None], device)
+        if failed:  # rank 0 could not write the log: every rank stops here
+            raise log.error or WriteFailed("the record log could not be written (its error is above)")
         train_ms += 1000 * (time.perf_counter() - t0)
         log.step = step + 1
         tokens_seen += args.batch_size * (windows.size(1) - 1)
@@ -737,6 +739,7 @@ def train(args, stop, run):
         log.close(f"interrupted: {signal.Signals(signum).name} at step:{step}/{args.steps}"
                   f" {clock(step, train_ms, tokens_seen)}{peak_memory(device)}; continue with the same command and"
                   f" --resume {log.last_checkpoint}")
+        raise_if_any_rank_failed(log.error, device)
         return 128 + signum
     finish(args, raw_model, log, step, val_loss, reached, train_ms, tokens_seen, extras, rank, world_size, device)
     return 0
@@ -1080,16 +1083,18 @@ def run_dir(args):
 
 
 def save_checkpoint(path, state):
-    """Atomic: a kill or a full disk during the write leaves the previous checkpoint as it was and no partial file."""
+    """Atomic: an error, a full disk or a stop signal during the write leaves the previous checkpoint as it was and
+    no partial file (a SIGKILL can leave a *.tmp<pid>, never a partial checkpoint under its own name)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(state, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError from its zip writer
+        raise WriteFailed(f"could not write {path} ({write_error(e, path)})") from None
+    finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise WriteFailed(f"could not write {path} ({write_error(e, path)})") from None
 
 
 def write_error(e, path):
@@ -1128,7 +1133,7 @@ def checkpoint(args, step, reason, model, optimizers, loader, train_ms, tokens_s
                                        loader=loader.state_dict(), rng_cpu=torch.get_rng_state()))
         except WriteFailed as e:
             failure = WriteFailed(f"{e}; last good checkpoint: {log.last_checkpoint}")
-    raise_if_any_rank_failed(failure, next(model.parameters()).device)
+    raise_if_any_rank_failed(failure or log.error, next(model.parameters()).device)
     log.last_checkpoint = path
     log.line(f"checkpoint: step:{step} {reason} {path}")
 
@@ -1213,7 +1218,7 @@ class RunLog:
 
     def __init__(self, path, file, step, steps, last_checkpoint):
         self.path, self.file, self.step, self.steps = path, file, step, steps
-        self.last_checkpoint, self.finished = last_checkpoint or "none", False
+        self.last_checkpoint, self.finished, self.error, self.fresh = last_checkpoint or "none", False, None, False
 
     def line(self, text, console_extra=""):
         if self.file:
@@ -1221,10 +1226,10 @@ class RunLog:
             try:
                 self.file.write(text + "\n")
                 self.file.flush()
-            except OSError as e:
-                self.file = None  # nothing more can go into it
-                raise WriteFailed(f"could not write the record log {self.path} ({e.strerror});"
-                                  f" last good checkpoint: {self.last_checkpoint}") from None
+            except OSError as e:  # kept, not raised: every rank stops at the next vote (raise_if_any_rank_failed)
+                self.file = None
+                self.error = WriteFailed(f"could not write the record log {self.path} ({e.strerror});"
+                                         f" last good checkpoint: {self.last_checkpoint}")
 
     def close(self, text):
         if self.file:
@@ -1236,9 +1241,8 @@ class RunLog:
         return self
 
     def __exit__(self, kind, error, traceback):
-        with contextlib.suppress(WriteFailed):  # a log that cannot be written cannot take its failed: line either
-            why = f"{kind.__name__}: {error}" if kind else "no last line"
-            self.close(f"failed: step:{self.step}/{self.steps} {why}")
+        why = f"{kind.__name__}: {error}" if kind else "no last line"
+        self.close(f"failed: step:{self.step}/{self.steps} {why}")
 
 
 def open_log(args, rank, world_size, device, resume_state, data_line):
@@ -1249,27 +1253,34 @@ def open_log(args, rank, world_size, device, resume_state, data_line):
     args.run_id = args.run_id or (resume_state and resume_state["run_id"]) or (
         time.strftime("%Y%m%d-%H%M%S") + f"_{args.preset}_s{args.tst_schedule.replace(' ', '') or 1}")
     args.run_id = args.run_id.replace(":", "x").replace(",", "_")
-    file = problem = None
+    file, fresh, problem = None, False, None
     if rank == 0:
         try:
             file = create_log(args, resume_state, default)
+            fresh = file.tell() == 0
+            if fresh:  # the header: the source, versions and hardware, the settings
+                versions = f"python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}"
+                file.write("\n".join([CODE, "=" * 100, versions, *device_lines(device, world_size),
+                                      json.dumps(run_settings(args))]) + "\n")
+                file.flush()
         except OSError as e:
+            if fresh:  # a header cut short by a full disk would block the id
+                file.close()
+                os.remove(file.name)
             problem = UsageError(f"--log_dir {args.log_dir}: cannot write the record log there ({e.strerror or e})")
         except UsageError as e:
             problem = e
     raise_if_any_rank_failed(problem, device)
     if dist.is_initialized():  # a default id may have taken a suffix on rank 0
-        ids = [args.run_id]
-        dist.broadcast_object_list(ids, src=0)
-        args.run_id = ids[0]
+        shared = [args.run_id, fresh]
+        dist.broadcast_object_list(shared, src=0)
+        args.run_id, fresh = shared
     step = resume_state["step"] if resume_state else 0
     log = RunLog(os.path.join(args.log_dir, f"{args.run_id}.txt"), file, step, args.steps, args.resume)
-    log.fresh = file is not None and file.tell() == 0
-    if log.fresh:
-        file.write(CODE + "\n" + "=" * 100 + "\n")
-        versions = f"python {platform.python_version()} torch {torch.__version__} numpy {np.__version__}"
-        file.write("\n".join([versions, *device_lines(device, world_size), json.dumps(run_settings(args))]) + "\n")
-        print(f"logging to {log.path}", flush=True)
+    log.fresh = fresh
+    if fresh:
+        if rank == 0:
+            print(f"logging to {log.path}", flush=True)
         for note in args.notes:
             log.line(note)
         log.line(data_line)
@@ -1387,7 +1398,7 @@ def finish(args, model, log, step, val_loss, reached, train_ms, tokens_seen, ext
             export_model(model, args, os.path.join(run_dir(args), "model.pt"))
         except WriteFailed as e:
             failure = WriteFailed(f"{e}; last good checkpoint: {log.last_checkpoint}")
-    raise_if_any_rank_failed(failure, device)
+    raise_if_any_rank_failed(failure or log.error, device)
     for line in downstream(model, args, extras.hellaswag_items, extras.enc, rank, world_size, device):
         log.line(line)
     target = "none" if args.target_val_loss is None else (
@@ -1395,6 +1406,7 @@ def finish(args, model, log, step, val_loss, reached, train_ms, tokens_seen, ext
         else f"{args.target_val_loss} not reached")
     log.close(f"done: step:{step}/{args.steps} val_loss:{val_loss:.4f} {clock(step, train_ms, tokens_seen)}"
               f" target:{target}{peak}")
+    raise_if_any_rank_failed(log.error, device)
 
 
 def evaluate_only(args):

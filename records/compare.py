@@ -54,6 +54,7 @@ def parse_log(path):
     if not isinstance(settings, dict) or "tst_schedule" not in settings:
         raise NotARecord(f"{path}: not a train_tst.py record log (no hyperparameter JSON line)")
     vals = [(int(m[1]), float(m[3]), int(m[4]), int(m[6])) for m in map(VAL_LINE.match, lines) if m]
+    vals = sorted({v[0]: v for v in vals}.values())  # a run resumed from an earlier checkpoint: its later points
     last = next((l for l in reversed(lines) if l.strip() and not l.startswith("note:")), "")  # a resume's note after done:
     ending = last if last.split(":")[0] in ("done", "interrupted", "failed") else "unfinished"
     if not vals and ending != "unfinished":  # a run that has just started has none yet: left out below, not refused
@@ -89,7 +90,7 @@ def reference_check(runs, trials, noise=TRACK3_NOISE):
     for trial in trials:
         for step, loss in trial:
             theirs.setdefault(step, []).append(loss)
-    baselines = list(filter(is_baseline, runs))
+    baselines = reference_runs(runs, trials)
     for run in baselines:
         for step, loss, _, _ in run["vals"]:
             ours.setdefault(step, []).append(loss)
@@ -107,9 +108,17 @@ def reference_check(runs, trials, noise=TRACK3_NOISE):
     return rows
 
 
-def reference_target_line(runs, target=REFERENCE_TARGET):
+def reference_runs(runs, trials):
+    """Our baseline runs of the reference's length (a step number means another point of another schedule)."""
+    lengths = {trial[-1][0] for trial in trials}
+    return [run for run in runs if is_baseline(run) and run["settings"]["steps"] in lengths]
+
+
+def reference_target_line(runs, trials, target=REFERENCE_TARGET):
     """The benchmark's line: the mean val loss of our baseline runs at their last step under the target."""
-    finals = [run["vals"][-1][1] for run in filter(is_baseline, runs)]
+    finals = [run["vals"][-1][1] for run in reference_runs(runs, trials) if run["vals"][-1][0] == run["settings"]["steps"]]
+    if not finals:
+        return "target: no run of the reference's length reached its last step"
     verdict = "under" if np.mean(finals) < target else "not under"
     p = p_value_under(finals, target)
     return (f"target: mean val loss at the last step {np.mean(finals):.4f} over {len(finals)} run(s), {verdict} {target}"
@@ -454,7 +463,7 @@ def log_paths(items):
     paths = []
     for item in items:
         paths += sorted(glob.glob(os.path.join(item, "*.txt"))) if os.path.isdir(item) else [item]
-    return list(dict.fromkeys(paths))  # a log named and also inside a named folder is read once
+    return list({os.path.realpath(p): p for p in paths}.values())  # a log named twice (or by two paths) is read once
 
 
 def main(argv=None):
@@ -493,11 +502,11 @@ def main(argv=None):
     if trials:
         rows = reference_check(runs, trials, args.noise)
         if not rows:
-            print("error: no baseline run given shares a validation step with the reference", file=sys.stderr)
+            print("error: no baseline run of the reference's length shares a validation step with it", file=sys.stderr)
             return 2
         print(markdown_table(rows, REFERENCE_COLUMNS))
         print(f"{sum(r['within'] == 'yes' for r in rows)} of {len(rows)} validation steps: our mean within 3σ of the reference's")
-        print(reference_target_line(runs))
+        print(reference_target_line(runs, trials))
         return 0
     if args.crossover:
         points = crossover(runs)
