@@ -461,19 +461,29 @@ def test_target_val_loss_stops_at_the_first_validation_under_it(shards, tmp_path
     assert re.search(rf"target:reached 5.0 at step:{first} train_time:\d+ms$", lines[-1])
 
 
-def test_fp32_mode_trains_and_logs_its_dtype(shards, tmp_path):
+def test_fp32_mode_trains_in_float32_and_the_default_in_bf16(shards, tmp_path):
     assert T.main(tiny(shards, tmp_path, "--dtype", "fp32", "--tst_s", "2")) == 0
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "bf16")) == 0
     lines = log_lines(tmp_path)
     assert json.loads(next(l for l in lines if l.startswith("{")))["dtype"] == "fp32"
     vals = val_losses(lines)
     assert vals[12] < vals[0] - 1.0
+    for run, dtype in (("run", torch.float32), ("bf16", torch.bfloat16)):  # the embedding table sets the activations'
+        weights = torch.load(tmp_path / "logs" / run / "model.pt", weights_only=True)["model"]
+        assert weights["wte.weight"].dtype == dtype and weights["blocks.0.attn.q.weight"].dtype == torch.float32
+    assert val_losses(log_lines(tmp_path, "bf16"))[12] != vals[12]  # the dtype changed the arithmetic
 
 
 def test_multi_token_prediction_weights_anneal_to_next_token(shards, tmp_path):
     assert T.mtp_weights(3, 0.0, "cpu").tolist() == [1.0, 0.5, 0.25]
+    assert T.mtp_weights(3, 0.5, "cpu").tolist() == [1.0, 0.25, 0.125]
     assert T.mtp_weights(3, 1.0, "cpu").tolist() == [1.0, 0.0, 0.0]
     assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--mtp_k", "3")) == 0
+    assert T.main(tiny(shards, tmp_path, "--tst_s", "2", "--run_id", "ntp")) == 0
+    mtp, ntp = train_rows(log_lines(tmp_path)), train_rows(log_lines(tmp_path, "ntp"))
     assert val_losses(log_lines(tmp_path))[12] < math.log(VOCAB) - 1.0
+    assert [r[1] for r in mtp[:3]] == [r[1] for r in ntp[:3]]  # the superposition steps (switch at step 3): the same
+    assert mtp[3][1] != ntp[3][1]  # after it, the loss takes the next 3 tokens' terms
 
 
 @pytest.mark.parametrize("schedule,sizes,switch_steps", [
@@ -1075,10 +1085,12 @@ def test_batch_that_does_not_divide_across_processes_exits_2():
         T.parse_args(["--preset", "cpu", "--micro_batch_size", "2"], world_size=3)
 
 
-def test_unknown_flag_and_bad_type_exit_2():
-    for argv in (["--tst_z", "3"], ["--tst_s", "four"], ["--tst_mode", "both"]):
-        proc = subprocess.run([sys.executable, os.path.join(HERE, "train_tst.py"), *argv], capture_output=True, text=True)
-        assert proc.returncode == 2 and "error:" in proc.stderr
+def test_unknown_flag_and_bad_type_exit_2(capsys):
+    for argv, needle in ((["--tst_z", "3"], "unrecognized arguments: --tst_z"), (["--tst_s", "four"], "invalid int"),
+                         (["--tst_mode", "both"], "invalid choice: 'both'")):
+        with pytest.raises(SystemExit) as stop:
+            T.main(argv)
+        assert stop.value.code == 2 and needle in capsys.readouterr().err
 
 
 def test_bad_checkpoints_exit_2(shards, tmp_path, capsys):
