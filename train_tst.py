@@ -688,7 +688,8 @@ def train(args, stop, run):
     optimizers = make_optimizers(raw_model, args, rank, world_size)
     flops_per_step = model_flops_per_token(raw_model, args.seq_len) * args.batch_size * args.seq_len
     flops_per_gpu = flops_per_step / world_size
-    accum = log_model(log, raw_model, flops_per_step, args, world_size, resume_state, warmup_notes)
+    accum = args.batch_size // (world_size * args.micro_batch_size)
+    log_model(log, raw_model, flops_per_step, accum, args, world_size, resume_state, warmup_notes)
     start, train_ms, tokens_seen = resume(resume_state, raw_model, optimizers, loader, args)
     val_loss = reached = stop_votes = None
     stop.training = True  # from here a stop signal ends the step in progress, then a checkpoint
@@ -1216,9 +1217,9 @@ class RunLog:
     the console shows the same lines. Its last line says how the run ended: a run that raises ends `failed:`. It
     knows the steps done and the last checkpoint, which a failure names."""
 
-    def __init__(self, path, file, step, steps, last_checkpoint):
-        self.path, self.file, self.step, self.steps = path, file, step, steps
-        self.last_checkpoint, self.finished, self.error, self.fresh = last_checkpoint or "none", False, None, False
+    def __init__(self, path, file, fresh, step, steps, last_checkpoint):
+        self.path, self.file, self.fresh, self.step, self.steps = path, file, fresh, step, steps
+        self.last_checkpoint, self.finished, self.error = last_checkpoint or "none", False, None
 
     def line(self, text, console_extra=""):
         if self.file:
@@ -1276,8 +1277,7 @@ def open_log(args, rank, world_size, device, resume_state, data_line):
         dist.broadcast_object_list(shared, src=0)
         args.run_id, fresh = shared
     step = resume_state["step"] if resume_state else 0
-    log = RunLog(os.path.join(args.log_dir, f"{args.run_id}.txt"), file, step, args.steps, args.resume)
-    log.fresh = fresh
+    log = RunLog(os.path.join(args.log_dir, f"{args.run_id}.txt"), file, fresh, step, args.steps, args.resume)
     if fresh:
         if rank == 0:
             print(f"logging to {log.path}", flush=True)
@@ -1313,10 +1313,9 @@ def create_log(args, resume_state, default):
     raise UsageError(f"--log_dir {args.log_dir}: no free run id for {args.run_id}")
 
 
-def log_model(log, model, flops_per_step, args, world_size, resume_state, warmup_notes):
+def log_model(log, model, flops_per_step, accum, args, world_size, resume_state, warmup_notes):
     """The warmup's notes, then the `model:` line (after the warmup: the micro-batch is final) in a new log and the
-    resume line; returns the micro-batches a step."""
-    accum = args.batch_size // (world_size * args.micro_batch_size)
+    resume line."""
     for note in warmup_notes:
         log.line(note)
     if log.fresh:
@@ -1325,7 +1324,6 @@ def log_model(log, model, flops_per_step, args, world_size, resume_state, warmup
                  f" micro-batches of {args.micro_batch_size}")
     if resume_state:
         log.line(f"resumed from {args.resume} at step {resume_state['step']}")
-    return accum
 
 
 # --- the final model: export, HellaSwag and a sample (untimed, after the clock)

@@ -36,7 +36,8 @@ CPU_TRIAL = ["--device", "cpu", "--n_layer", "2", "--n_embd", "128", "--n_head",
 
 def gpt2_on_sample(run_id, steps, peak_tflops, extra):
     return [sys.executable, os.path.join(ROOT, "train_tst.py"), "--preset", "gpt2", "--device", "cuda",
-            "--train_files", os.path.join(SAMPLE, "sample_train_*.bin"), "--val_files", os.path.join(SAMPLE, "sample_val_*.bin"),
+            "--train_files", os.path.join(SAMPLE, "sample_train_*.bin"),
+            "--val_files", os.path.join(SAMPLE, "sample_val_*.bin"),
             "--data_order", "shuffled", "--val_tokens", "262144", "--steps", str(steps), "--val_every", "0",
             "--final_val_every", "0", "--log_every", "1", "--peak_tflops", str(peak_tflops), "--run_id", run_id, *extra]
 
@@ -64,11 +65,12 @@ def phase_times(log_text):
     return {s: statistics.median(v) for s, v in by_size.items()}
 
 
-def summarize(log_path, flops_line_re=re.compile(r"([\d.e+]+) FLOPs per step")):
+def summarize(log_path):
     if not os.path.exists(log_path):
         return None
     text = open(log_path).read().split("\n" + "=" * 100 + "\n", 1)[-1]
-    flops = float(flops_line_re.search(text)[1]) if flops_line_re.search(text) else float("nan")
+    flops = re.search(r"([\d.e+]+) FLOPs per step", text)
+    flops = float(flops[1]) if flops else float("nan")
     warmup = re.search(r"warmup: (\d+) s", text)
     peak = re.search(r"peak_mem:([\d.]+)GiB", text)
     return dict(times=phase_times(text), flops=flops, warmup=warmup and int(warmup[1]), peak=peak and float(peak[1]),
@@ -87,7 +89,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     deadline = time.time() + args.budget
     runs = tempfile.mkdtemp(prefix="gpu_check_")  # checkpoints and exports (GBs at this shape) stay out of `out`
-    tst = ["--tst_s", "8", "--tst_r", "0.9"] + (CPU_TRIAL if args.cpu else [])  # every timed step but the last few is s = 8
+    tst = ["--tst_s", "8", "--tst_r", "0.9"] + (CPU_TRIAL if args.cpu else [])  # timed steps but the last few: s = 8
     parts = {
         "baseline": (gpt2_on_sample("baseline", args.steps, args.peak_tflops,
                                     (CPU_TRIAL if args.cpu else []) + ["--log_dir", runs]), 110),
@@ -117,10 +119,12 @@ def write_summary(args, results):
     import torch
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
     lines = [f"# train_tst.py on {gpu}: {args.steps} steps a run, gpt2 shape on the bundled sample",
-             f"torch {torch.__version__}; MFU against {args.peak_tflops:g} TFLOP/s dense bf16; medians leave out the first"
+             f"torch {torch.__version__}; MFU against {args.peak_tflops:g} TFLOP/s dense bf16; medians leave out"
+             " the first"
              f" {SKIP_FIRST} steps of each phase", "", "| part | result |", "|---|---|"]
     lines += [f"| {name} | {result} |" for name, result, _ in results]
-    lines += ["", "| run | phase | median ms / step | MFU | warmup (untimed) | peak memory | last line |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| run | phase | median ms / step | MFU | warmup (untimed) | peak memory | last line |",
+              "|---|---|---|---|---|---|---|"]
     steps = {}
     for run_id in ("baseline", "tst_s8", "tst_s8_mb32"):
         s = summarize(os.path.join(args.out, f"{run_id}.txt"))
@@ -129,7 +133,8 @@ def write_summary(args, results):
         for size, ms in sorted(s["times"].items(), reverse=True):
             steps[(run_id, size)] = ms
             mfu = 100 * s["flops"] / (ms / 1000) / (args.peak_tflops * 1e12)
-            lines.append(f"| {run_id} | s = {size} | {ms:.0f} | {mfu:.1f}% | {s['warmup']} s | {s['peak']} GiB | `{s['end'][:60]}` |")
+            lines.append(f"| {run_id} | s = {size} | {ms:.0f} | {mfu:.1f}% | {s['warmup']} s | {s['peak']} GiB"
+                         f" | `{s['end'][:60]}` |")
     base = steps.get(("baseline", 1))
     for run_id in ("tst_s8", "tst_s8_mb32"):
         if base and (run_id, 8) in steps:
