@@ -101,11 +101,14 @@ def tst_step_times(bags, rounds, extra):
     sys.path.insert(0, os.path.dirname(TRAINER))
     import train_tst as T
     args = T.parse_args(extra)
-    model = T.GPT(args.vocab_size, args.n_layer, args.n_embd, args.n_head, args.seq_len)
+    model = T.GPT(**T.model_config(args))
     optimizers = T.make_optimizers(model, args)
     compiled = torch.compile(model, dynamic=False)
-    batches = {s: T.make_batch(torch.randint(50257, (args.batch_size, T.window_tokens(s, "full", args.seq_len))), s, args, 0.0)
-               for s in [1] + bags}
+    batches = {}
+    for s in [1] + bags:
+        args.phases = [(s, 1)] if s > 1 else []  # step 0 reads bags of s
+        windows = torch.randint(args.vocab_size, (args.batch_size, T.window_tokens(s, "full", args.seq_len)))
+        batches[s] = T.batch_for(0, windows, args, torch.device("cpu"))
     times = {s: [] for s in batches}
     for round in range(rounds + 2):  # the first two compile and warm up
         for s, batch in batches.items():

@@ -1,5 +1,5 @@
 """Tests of records/: compare.py (record logs, iso-loss speedups, the crossover fit, the check against track-3's
-runs, plots) and gpu_check.py's summary."""
+runs, plots), gpu_check.py's summary and benchmark.py's TST timing."""
 import math
 import os
 import sys
@@ -9,12 +9,25 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
+import benchmark  # noqa: E402
 import compare  # noqa: E402
 import gpu_check  # noqa: E402
 import train_tst as T  # noqa: E402
 from test_train import shards, synthetic_log, tiny  # noqa: E402,F401,F811  shards: the session's fixture
 
 
+def test_benchmark_times_a_step_of_each_bag_size_with_the_trainers_batches(monkeypatch):
+    monkeypatch.setattr(benchmark.torch, "compile", lambda model, **kw: model)  # eager: the timing code is the test
+    seen = []
+    real = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda model, opts, x, y, w, *a: seen.append((x.shape, y.shape)) or real(
+        model, opts, x, y, w, *a))
+    extra = ["--preset", "cpu", "--device", "cpu", "--n_layer", "1", "--n_embd", "32", "--n_head", "1", "--seq_len",
+             "8", "--batch_size", "2", "--vocab_size", "64", "--val_tokens", "16"]
+    times = benchmark.tst_step_times([2, 4], 1, extra)
+    assert sorted(times) == [1, 2, 4] and all(len(t) == 1 and t[0] > 0 for t in times.values())
+    # inputs: tokens (2, 8) for the baseline, bags (2, 8, s) with their next bags as targets for TST
+    assert seen[:3] == [((2, 8), (2, 8)), ((2, 8, 2), (2, 8, 2)), ((2, 8, 4), (2, 8, 4))]
 
 
 def test_compare_parses_a_real_log_from_a_tiny_run(shards, tmp_path, capsys):
