@@ -8,9 +8,11 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -500,13 +502,29 @@ def test_a_schedule_trains_and_logs_each_piece_at_its_place(shards, tmp_path, sc
     assert [s.split()[1] for s in switches] == switch_steps
 
 
-def test_resume_inside_a_schedule_continues_with_the_right_bag_sizes(shards, tmp_path):
-    schedule = ["--tst_schedule", "4:0.25,2:0.25"]
-    assert T.main(tiny(shards, tmp_path, *schedule, "--run_id", "full", steps=12)) == 0
-    ckpt = str(tmp_path / "logs" / "full" / "step_000003.pt")  # written at the 4 -> 2 switch
-    assert T.main(tiny(shards, tmp_path, *schedule, "--run_id", "resumed", "--resume", ckpt, steps=12)) == 0
-    full, resumed = train_rows(log_lines(tmp_path, "full")), train_rows(log_lines(tmp_path, "resumed"))
-    assert resumed == full[3:] and [r[3] for r in resumed] == [2] * 3 + [1] * 6
+@pytest.mark.parametrize("order", ["sequential", "shuffled"])
+def test_a_resumed_run_goes_on_as_the_uninterrupted_one_from_any_checkpoint(shards, tmp_path, order):
+    """Checkpoints at a bag-size switch, inside a phase and at the end: each resumes to the same train and val lines
+    with the right bag sizes; the end checkpoint as a new run validates and ends done, and into its own finished log
+    adds a note only."""
+    flags = ["--tst_schedule", "4:0.25,2:0.25", "--data_order", order, "--save_every", "5"]
+    assert T.main(tiny(shards, tmp_path, *flags, "--run_id", "full", steps=12)) == 0
+    full = log_lines(tmp_path, "full")
+    assert [r[3] for r in train_rows(full)] == [4] * 3 + [2] * 3 + [1] * 6
+    for step in (3, 5, 10):  # the 4 -> 2 switch; periodic ones inside s = 2 and in the next-token phase
+        ckpt = tmp_path / "logs" / "full" / f"step_{step:06d}.pt"
+        assert T.main(tiny(shards, tmp_path, *flags, "--run_id", f"from{step}", "--resume", str(ckpt), steps=12)) == 0
+        resumed = log_lines(tmp_path, f"from{step}")
+        assert f"resumed from {ckpt} at step {step}" in resumed
+        assert train_rows(resumed) == [r for r in train_rows(full) if r[0] > step]
+        assert val_losses(resumed) == {k: v for k, v in val_losses(full).items() if k > step}
+    end = str(tmp_path / "logs" / "full" / "step_000012.pt")
+    assert T.main(tiny(shards, tmp_path, *flags, "--run_id", "again", "--resume", end, steps=12)) == 0
+    assert log_lines(tmp_path, "again")[-1].startswith(f"done: step:12/12 val_loss:{val_losses(full)[12]:.4f}")
+    assert T.main(tiny(shards, tmp_path, *flags, "--run_id", "full", "--resume", end, steps=12)) == 0
+    lines = log_lines(tmp_path, "full")
+    assert lines[:len(full)] == full and len(lines) == len(full) + 1 and lines[-1].startswith("note: resumed from")
+    assert compare.parse_log(str(tmp_path / "logs" / "full.txt"))["ending"].startswith("done:")
 
 
 def test_compiled_smoke_step(shards, tmp_path):
@@ -560,10 +578,7 @@ def test_out_of_memory_in_the_warmup_halves_the_micro_batch(shards, tmp_path, mo
 def test_ddp_two_gloo_processes_match_one_process_and_their_checkpoint_resumes_on_one(shards, tmp_path):
     common = tiny(shards, tmp_path, "--tst_s", "2", "--micro_batch_size", "2", steps=8)
     assert T.main(common + ["--run_id", "one"]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(HERE, "train_tst.py"), *common, "--run_id", "two", "--save_every", "4"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun(os.path.join(HERE, "train_tst.py"), common + ["--run_id", "two", "--save_every", "4"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, two = val_losses(log_lines(tmp_path, "one")), val_losses(log_lines(tmp_path, "two"))
     assert one.keys() == two.keys()
@@ -575,19 +590,6 @@ def test_ddp_two_gloo_processes_match_one_process_and_their_checkpoint_resumes_o
     assert T.main(common + ["--run_id", "two_then_one", "--resume", checkpoint]) == 0
     resumed = val_losses(log_lines(tmp_path, "two_then_one"))
     assert resumed[8] == pytest.approx(one[8], abs=2e-4) and resumed[8] == pytest.approx(two[8], abs=2e-4)
-
-
-@pytest.mark.parametrize("order", ["sequential", "shuffled"])
-def test_resume_matches_an_uninterrupted_run(shards, tmp_path, order):
-    flags = ["--tst_s", "2", "--data_order", order]
-    assert T.main(tiny(shards, tmp_path, *flags, "--save_every", "5", "--run_id", "full", steps=12)) == 0
-    ckpt = tmp_path / "logs" / "full" / "step_000005.pt"
-    assert ckpt.exists()
-    assert T.main(tiny(shards, tmp_path, *flags, "--run_id", "resumed", "--resume", str(ckpt), steps=12)) == 0
-    full, resumed = log_lines(tmp_path, "full"), log_lines(tmp_path, "resumed")
-    assert f"resumed from {ckpt} at step 5" in resumed
-    assert {k: v for k, v in val_losses(full).items() if k > 5} == val_losses(resumed)
-    assert [r for r in train_rows(full) if r[0] > 5] == train_rows(resumed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -683,6 +685,33 @@ def torchrun(script, args, nproc=2, timeout=600):
                           capture_output=True, text=True, env=env, timeout=timeout)
 
 
+def two_ranks(script, args, timeout=300):
+    """`script` as ranks 0 and 1 of a gloo group on loopback, started with the environment torchrun gives, without
+    torchrun's own process (one torch import less on the way). Returns the first non-zero exit code (else 0) and
+    both ranks' output; a rank that never exits fails the test by its timeout."""
+    with socket.socket() as s:  # a free port (another process could take it before rank 0 does: unlikely here)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+               LOCAL_WORLD_SIZE="2")
+    deadline, procs, codes = time.monotonic() + timeout, [], []
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        try:
+            for r in range(2):
+                procs.append(subprocess.Popen([sys.executable, script, *args], stdout=out, stderr=err, text=True,
+                                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))))
+            codes = [p.wait(timeout=max(0, deadline - time.monotonic())) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+            out.seek(0), err.seek(0)
+            stdout, stderr = out.read(), err.read()
+            if len(codes) < 2:
+                print(f"two_ranks: stopped after {timeout} s; their output:\n{stdout}\n{stderr}", file=sys.stderr)
+    return subprocess.CompletedProcess(script, next((c for c in codes if c), 0), stdout, stderr)
+
+
 MUON_SPLIT = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {here!r})
@@ -722,7 +751,7 @@ def test_muon_work_is_split_over_ranks_and_gives_the_one_process_weights_and_che
     torch.save(one.state_dict(), str(tmp_path / "out.start"))  # a one-process checkpoint, resumed on two below
     script = tmp_path / "split.py"
     script.write_text(MUON_SPLIT.format(here=HERE, out=str(tmp_path / "out")))
-    proc = torchrun(str(script), [], timeout=180)
+    proc = two_ranks(str(script), [], timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"out.{r}") for r in (0, 1)]
     resumed_model, resumed, resumed_momentum = muon_steps(0, 1, str(tmp_path / "out.start"))  # the same, one process
@@ -741,9 +770,9 @@ def test_out_of_memory_on_one_rank_then_both_under_ddp_compiled_halves_and_match
     launcher.write_text(LAUNCHER.format(here=HERE, patch="flaky"))
     common = tiny(shards, tmp_path, "--tst_s", "2", "--tst_r", "0.5", "--batch_size", "8", "--compile", "--val_every", "3", steps=6)
     common.remove("--no-compile")
-    halved = torchrun(str(launcher), common + ["--micro_batch_size", "4", "--run_id", "halved"])
+    halved = two_ranks(str(launcher), common + ["--micro_batch_size", "4", "--run_id", "halved"])
     assert halved.returncode == 0, halved.stderr[-3000:]
-    fits = torchrun(os.path.join(HERE, "train_tst.py"), common + ["--micro_batch_size", "1", "--run_id", "fits"])
+    fits = two_ranks(os.path.join(HERE, "train_tst.py"), common + ["--micro_batch_size", "1", "--run_id", "fits"])
     assert fits.returncode == 0, fits.stderr[-3000:]
     lines = log_lines(tmp_path, "halved")
     assert "out of memory at micro-batch 4: halved to 2 (2 micro-batches a step, the same global batch)" in lines
@@ -756,7 +785,7 @@ def test_out_of_memory_on_one_rank_then_both_under_ddp_compiled_halves_and_match
 def test_an_error_on_one_rank_in_the_warmup_stops_every_rank(shards, tmp_path):
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER.format(here=HERE, patch="broken"))
-    proc = torchrun(str(launcher), tiny(shards, tmp_path, steps=4), timeout=180)
+    proc = two_ranks(str(launcher), tiny(shards, tmp_path, steps=4), timeout=180)
     assert proc.returncode != 0
     assert "RuntimeError: CUBLAS_STATUS_ALLOC_FAILED (simulated)" in proc.stderr
     assert "error: another process stopped on an error (its message is above)" in proc.stderr
@@ -772,7 +801,7 @@ def test_a_bad_token_id_in_one_ranks_shuffled_windows_stops_every_rank(tmp_path)
     train[bad] = VOCAB + 5
     prepare.write_shard(d / "t_val_000000.bin", tokens[:1000])
     prepare.write_shard(d / "t_train_000001.bin", train)
-    proc = torchrun(os.path.join(HERE, "train_tst.py"), tiny(d, tmp_path, "--data_order", "shuffled", steps=4), timeout=180)
+    proc = two_ranks(os.path.join(HERE, "train_tst.py"), tiny(d, tmp_path, "--data_order", "shuffled", steps=4), timeout=180)
     assert proc.returncode != 0
     # both ranks say it (their lines may interleave on the shared stderr)
     assert proc.stderr.count(f"token id {VOCAB + 5} at position {bad} is not below --vocab_size {VOCAB}") == 2
@@ -1205,7 +1234,7 @@ class Rigged(torch.nn.Module):
 
 
 def test_hellaswag_scores_a_model_rigged_for_the_right_endings_1_and_against_them_0():
-    enc = T.gpt2_encoding()
+    enc = prepare.gpt2_encoding()
     items = [(d["ctx"], d["endings"], int(d["label"])) for d in HELLASWAG_ITEMS]
     tokens = lambda keep: {t for c, e, label in items for i, x in enumerate(e) if keep(i, label) for t in enc.encode(" " + x)}
     right, wrong = tokens(lambda i, label: i == label), tokens(lambda i, label: i != label)
@@ -1215,7 +1244,7 @@ def test_hellaswag_scores_a_model_rigged_for_the_right_endings_1_and_against_the
 
 def test_hellaswag_padding_and_masking_match_a_row_by_row_loop():
     torch.manual_seed(0)
-    model, enc = T.GPT(50304, 2, 64, 1, 128, torch.float32), T.gpt2_encoding()
+    model, enc = T.GPT(50304, 2, 64, 1, 128, torch.float32), prepare.gpt2_encoding()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)  # not the zero-initialised head: endings must score differently
     items = [(d["ctx"], d["endings"], int(d["label"])) for d in HELLASWAG_ITEMS]
@@ -1274,13 +1303,6 @@ def test_sampling_never_picks_the_padding_ids_past_the_tokenizer():
         torch.nn.init.normal_(p, std=1.0)
     ids = model.generate([1], 40, 2.0, 0, seed=0, n_vocab=5)
     assert len(ids) == 40 and max(ids) < 5
-
-
-def test_resuming_from_the_end_checkpoint_validates_and_ends_done(shards, tmp_path):
-    assert T.main(tiny(shards, tmp_path, steps=4)) == 0
-    end = tmp_path / "logs" / "run" / "step_000004.pt"
-    assert T.main(tiny(shards, tmp_path, "--run_id", "again", "--resume", str(end), steps=4)) == 0
-    assert log_lines(tmp_path, "again")[-1].startswith("done: step:4/4 val_loss:" + f"{val_losses(log_lines(tmp_path))[4]:.4f}")
 
 
 def test_a_run_scores_hellaswag_into_its_record_log_and_compare_shows_it(shards, tmp_path, monkeypatch, capsys):
@@ -1377,6 +1399,11 @@ def test_a_log_line_that_cannot_be_written_is_one_line_naming_the_last_checkpoin
 
 def test_flags_that_would_do_nothing_or_the_wrong_thing_are_refused_or_noted(shards, tmp_path, capsys):
     run_expecting_error(tiny(shards, tmp_path, "--resume", ""), capsys, "--resume needs a checkpoint's path")
+    for flag in (["--tst_r", "0.5"], ["--tst_s", "4"]):  # either would be ignored beside a schedule
+        run_expecting_error(tiny(shards, tmp_path, "--tst_schedule", "4:0.25", *flag), capsys,
+                            "give either --tst_schedule or --tst_s/--tst_r, not both")
+    assert T.parse_args(tiny(shards, tmp_path, "--tst_s", "4")).tst_schedule == "4:0.3"
+    assert T.parse_args(tiny(shards, tmp_path, "--tst_schedule", "4:0.25")).phases == [(4, 3)]
     same = tiny(shards, tmp_path)
     same[same.index("--val_files") + 1] = str(shards / "t_*.bin")  # every shard, the train ones too
     run_expecting_error(same, capsys, "names train shards", "t_train_000001.bin", "validation would score text")
@@ -1401,15 +1428,6 @@ def test_host_memory_a_step_cannot_have_is_refused_at_once_and_an_allocation_fai
     err = capsys.readouterr().err.strip()
     assert err == ("error: out of host memory (the process could not allocate more): lower --batch_size,"
                    " --micro_batch_size or --seq_len")
-
-
-def test_resuming_a_finished_run_into_its_own_log_adds_a_note_only(shards, tmp_path, capsys):
-    assert T.main(tiny(shards, tmp_path, steps=4)) == 0
-    done = log_lines(tmp_path)
-    assert T.main(tiny(shards, tmp_path, "--resume", str(tmp_path / "logs" / "run" / "step_000004.pt"), steps=4)) == 0
-    lines = log_lines(tmp_path)
-    assert lines[:len(done)] == done and len(lines) == len(done) + 1 and lines[-1].startswith("note: resumed from")
-    assert compare.parse_log(str(tmp_path / "logs" / "run.txt"))["ending"].startswith("done:")
 
 
 def test_a_stop_signal_before_the_first_step_exits_at_once_with_one_line(shards, tmp_path, monkeypatch, capsys):

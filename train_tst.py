@@ -1,35 +1,19 @@
 """train_tst.py: a single-file GPT speedrun trainer with Token Superposition Training (TST).
 
-TST (Peng, Gigant, Quesnelle, arXiv 2605.06546): for the first fraction r of the steps the model reads
-bags of s contiguous tokens (each position's input is the mean of its s token embeddings) and learns to
-predict the next bag with a multi-hot cross-entropy; after that it trains as a plain next-token GPT with
-the same weights, optimizer state and learning-rate schedule. A step costs the same FLOPs either way, but
-a superposition step reads s times the text. With --tst_s 1 (the default) this is the plain baseline:
-modded-nanogpt's track-3 train_gpt_simple.py, result #36.
+TST (Peng, Gigant, Quesnelle, arXiv 2605.06546): for the first fraction r of the steps the model reads bags of s
+contiguous tokens (the mean of their embeddings) and predicts the next bag with a multi-hot cross-entropy; then it
+trains as a plain next-token GPT with the same weights, optimizer and schedule. A step costs the same FLOPs either
+way, but a superposition step reads s times the text. --tst_s 1 (the default) is the plain baseline: track-3's
+train_gpt_simple.py, result #36.
 
     python train_tst.py --tst_s 4                                      # CPU preset, bundled sample
-    torchrun --standalone --nproc_per_node=8 train_tst.py --tst_s 8    # the track-3 GPT-2 baseline on FineWeb
+    torchrun --standalone --nproc_per_node=8 train_tst.py --tst_s 8    # TST on the GPT-2 baseline, FineWeb
 
-Read top to bottom: presets and flags, data, model, TST, optimizer and schedule, the training loop. Below
-the banner after it, the harness, which never changes a loss: checks, warmup and the out-of-memory fit,
-signals, checkpoints, the record log, evaluation of the final model.
+Top to bottom: presets and flags, data, model, TST, optimizer and schedule, the training loop; below a banner, the
+harness, which never changes a loss.
 """
-import argparse
-import contextlib
-import glob
-import hashlib
-import importlib
-import inspect
-import json
-import math
-import os
-import platform
-import re
-import shutil
-import signal
-import subprocess
-import sys
-import time
+import argparse, contextlib, glob, hashlib, importlib, inspect, json, math, os, platform, re, shutil, signal
+import subprocess, sys, time
 
 import numpy as np
 import torch
@@ -42,18 +26,6 @@ with open(__file__) as _f:
     CODE = _f.read()  # the record log starts with the exact source that produced it
 CODE_SHA = hashlib.sha256(CODE.encode()).hexdigest()[:16]
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class UsageError(Exception):
-    """Bad input (a flag, a shard, a checkpoint): reported on one line, exit code 2."""
-
-
-class Diverged(Exception):
-    """A non-finite loss: the run stops at once, exit code 1."""
-
-
-class WriteFailed(Exception):
-    """A file the run writes (its log, a checkpoint, the export) could not be written: exit code 1."""
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -80,7 +52,6 @@ DTYPES = dict(bf16=torch.bfloat16, fp32=torch.float32)
 COMPILE_FROM_STEPS = 20  # the CPU preset's compiled step saves ~2.4 s (2 threads): its ~40 s warmup pays by step 20
 IGNORE = -100  # target id that no loss counts (F.cross_entropy's ignore_index)
 
-
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Flags without a default take the preset's.")
     g = p.add_argument_group("data")
@@ -101,7 +72,7 @@ def build_parser():
     g.add_argument("--vocab_size", type=int, default=VOCAB_SIZE)
     g = p.add_argument_group("token superposition (TST)")
     g.add_argument("--tst_s", type=int, default=1, help="bag size s; 1 turns TST off")
-    g.add_argument("--tst_r", type=float, default=0.3, help="fraction of the steps in the superposition phase")
+    g.add_argument("--tst_r", type=float, help="fraction of the steps in the superposition phase (default 0.3)")
     g.add_argument("--tst_schedule", help='bag sizes piece by piece, "s:fraction,...", e.g. "8:0.1,4:0.1,2:0.1";'
                                           " replaces --tst_s/--tst_r")
     g.add_argument("--tst_mode", choices=["full", "input", "output"], default="full",
@@ -148,10 +119,8 @@ def build_parser():
                    help="no training: score and sample a checkpoint or an exported model.pt with the flags above")
     return p
 
-
 def parse_args(argv=None, world_size=None):
-    """The flags, with the preset's values where a flag is not given; check_args (below the banner) then rejects what
-    cannot run, before any work."""
+    """The flags, the preset's values where a flag is not given; check_args (below the banner) refuses bad ones."""
     args = build_parser().parse_args(argv)
     world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
     if args.device == "auto":
@@ -172,6 +141,9 @@ def parse_args(argv=None, world_size=None):
         args.compile = args.device == "cuda" or args.steps >= COMPILE_FROM_STEPS
     args.train_files = args.train_files or default_shards("train")
     args.val_files = args.val_files or default_shards("val")
+    if args.tst_schedule is not None and (args.tst_s > 1 or args.tst_r is not None):
+        raise UsageError("give either --tst_schedule or --tst_s/--tst_r, not both")
+    args.tst_r = 0.3 if args.tst_r is None else args.tst_r
     if args.tst_schedule is None:
         args.tst_schedule = f"{args.tst_s}:{args.tst_r}" if args.tst_s > 1 else ""
     check_args(args, world_size, on_sample, auto)  # also parses the schedule into args.phases
@@ -186,10 +158,8 @@ HEADER_BYTES = 4 * HEADER_INTS  # then header[2] uint16 tokens
 FINEWEB_DIR = os.path.join(HERE, "data", "fineweb10B")
 FINEWEB_SHARD_TOKENS = 100_000_000
 
-
 def fineweb_shards(split):
     return os.path.join(FINEWEB_DIR, f"fineweb_{split}_*.bin")
-
 
 def default_shards(split):
     """FineWeb's shards when data/fineweb10B holds train shards (a failed download leaves none), else the sample."""
@@ -197,32 +167,25 @@ def default_shards(split):
         return fineweb_shards(split)
     return os.path.join(HERE, "data", "sample", f"sample_{split}_*.bin")
 
-
 def read_shard(path):
     """The tokens of one shard as a read-only uint16 memmap (check_shard says what is wrong with a bad one)."""
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(check_shard(path),))
 
-
 def next_chunk(shard, offset, need, shard_length):
-    """Where the sequential walk takes its next chunk of `need` tokens: (shard, offset), skipping a shard tail too
-    short for it. Shards are numbered along the walk; shard_length(i) gives the length of the i-th."""
+    """(shard, offset) of the sequential walk's next chunk of `need` tokens, skipping a shard tail too short."""
     while offset + need > shard_length(shard):
         shard, offset = shard + 1, 0
     return shard, offset
-
 
 def sequential_chunk(batch_size, window):
     """Tokens of a sequential step's chunk: batch_size windows, each overlapping the next by one token."""
     return batch_size * (window - 1) + 1
 
-
 class ShardLoader:
-    """The train windows of each step. sequential (the speedrun's walk): one contiguous chunk a step, batch_size
-    windows each overlapping the next by one token; a shard's tail shorter than a chunk is skipped, after the last
-    shard the walk starts over. shuffled: each window at a random position, drawn from (seed, step) alone. Either
-    way rank r takes the r-th share of the windows, so the result does not depend on the number of processes, and
-    every rank checks the ids of the whole step, so a bad id stops all ranks at the same step."""
-
+    """A step's train windows. sequential (the speedrun's walk): one contiguous chunk a step, batch_size windows each
+    overlapping the next by a token, a shard's tail too short skipped, starting over after the last shard. shuffled:
+    windows at random positions drawn from (seed, step). Rank r takes the r-th share, so the result does not depend on
+    the number of processes; every rank checks the ids of the whole step, so a bad id stops all ranks at one step."""
     def __init__(self, pattern, batch_size, rank, world_size, vocab_size, order="sequential", seed=0):
         self.files = find_shards(pattern)
         self.shards = [read_shard(f) for f in self.files]
@@ -269,7 +232,6 @@ class ShardLoader:
     def load_state_dict(self, state):
         self.shard, self.offset, self.epoch, self.draws = (state[k] for k in ("shard", "offset", "epoch", "draws"))
 
-
 def load_val_windows(pattern, n_tokens, seq_len, rank, world_size, vocab_size):
     """The fixed validation slice: the first n_tokens (+1) of the val shards, this rank's share of windows."""
     files, parts, have = find_shards(pattern), [], 0
@@ -295,21 +257,16 @@ def load_val_windows(pattern, n_tokens, seq_len, rank, world_size, vocab_size):
 ATTENTION_SCALE = 0.12  # the reference's, in place of 1/sqrt(head_dim)
 LOGIT_CAP = 15.0
 
-
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
-
 class Linear(nn.Linear):
     """A linear layer with bias, float32 weights, computed in its input's dtype (bf16 activations: fast matmuls)."""
-
     def forward(self, x):
         return F.linear(x, self.weight.type_as(x), self.bias.type_as(x))
 
-
 class RMSNorm(nn.Module):
     """RMS norm with a learnable gain, computed in the activations' dtype (the gain cast to it), as the reference."""
-
     def __init__(self, dim):
         super().__init__()
         self.gain = nn.Parameter(torch.ones(dim))
@@ -317,11 +274,9 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return F.rms_norm(x, (x.size(-1),), self.gain.type_as(x))
 
-
 class Rotary(nn.Module):
     """Half-truncated RoPE: head_dim/4 frequencies from 1 down to 1/1024 turn half of the dimension pairs;
     the other half have frequency 0 and are not turned."""
-
     def __init__(self, head_dim, max_len):
         super().__init__()
         freq = (1 / 1024) ** torch.linspace(0, 1, head_dim // 4)
@@ -334,7 +289,6 @@ class Rotary(nn.Module):
         cos, sin = self.cos[:x.size(1)], self.sin[:x.size(1)]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim, n_head, max_len):
@@ -353,7 +307,6 @@ class CausalSelfAttention(nn.Module):
                                            scale=ATTENTION_SCALE, is_causal=True)  # flash attention on GPU
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
-
 class MLP(nn.Module):
     def __init__(self, dim):
         super().__init__()
@@ -362,7 +315,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.proj(F.relu(self.fc(x)).square())
-
 
 class Block(nn.Module):
     def __init__(self, dim, n_head, max_len):
@@ -373,7 +325,6 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))
-
 
 class GPT(nn.Module):
     def __init__(self, vocab_size, n_layer, n_embd, n_head, max_len, dtype=torch.bfloat16):
@@ -427,7 +378,6 @@ class GPT(nn.Module):
             tokens = torch.cat([tokens, torch.multinomial(logits.softmax(-1), 1, generator=generator)[None]], dim=1)
         return tokens[0, len(prompt):].tolist()
 
-
 def model_config(args):
     return dict(vocab_size=args.vocab_size, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
                 max_len=args.seq_len)
@@ -437,9 +387,8 @@ def model_config(args):
 # Token Superposition Training: the whole method is these functions
 
 def parse_tst_schedule(text, steps):
-    """'8:0.1,4:0.1' -> [(8, 40), (4, 80)] for 400 steps: each piece's bag size and the step it ends at, in order.
-    A piece of bag size 1 is plain next-token training at its place in the run; plain next-token training follows
-    the last piece. A piece that covers no step would silently do nothing: it is refused. '' (TST off) -> []."""
+    """'8:0.1,1:0.1,4:0.1' -> [(8, 40), (1, 80), (4, 120)] for 400 steps: each piece's bag size and the step it ends
+    at, in order; next-token training (s = 1) follows. A piece that covers no step is refused. '' (TST off) -> []."""
     phases, fraction, end = [], 0.0, 0
     for piece in filter(None, text.replace(" ", "").split(",")):
         try:
@@ -459,47 +408,39 @@ def parse_tst_schedule(text, steps):
         phases.append((size, end))
     return phases
 
-
 def superposition_end(phases):
     """The first step of plain next-token training after the last superposition piece (0 without TST)."""
     return max((end for size, end in phases if size > 1), default=0)
-
 
 def bag_size_at(step, phases):
     """The bag size s of a step; 1 once the pieces are over."""
     return next((size for size, end in phases if step < end), 1)
 
-
 def window_tokens(s, mode, seq_len):
     """Tokens per sequence window: s*T+1 when bags are read (full, input); T+1 otherwise."""
     return seq_len * (s if mode != "output" else 1) + 1
 
-
 def make_bags(tokens, s):
-    """(B, s*T+1) tokens -> inputs (B, T, s): contiguous bags; targets (B, T, s): bag j's are the tokens of
-    bag j+1 (ordinary next-token labels shifted left by s-1), IGNORE where the window ends."""
+    """(B, s*T+1) tokens -> inputs (B, T, s), contiguous bags, and targets (B, T, s), the tokens of the next bag
+    (IGNORE past the window's end)."""
     B, T = tokens.size(0), (tokens.size(1) - 1) // s
     inputs = tokens[:, :s * T].view(B, T, s)
     targets = F.pad(tokens[:, s:s * T + 1], (0, s - 1), value=IGNORE).view(B, T, s)
     return inputs, targets
 
-
 def next_tokens(tokens, k):
     """(B, T+1) tokens -> targets (B, T, k): position t's next k tokens, IGNORE past the window."""
     return F.pad(tokens[:, 1:], (0, k - 1), value=IGNORE).unfold(1, k, 1)
-
 
 def embed_bags(wte, bags):
     """(B, T, s) ids -> (B, T, d): the plain mean of each bag's embeddings, summed in float32."""
     return wte(bags).float().mean(dim=2).to(wte.weight.dtype)
 
-
 def multi_hot_cross_entropy(logits, targets, weights=None):
-    """MCE = logsumexp(z) - sum_k w_k z[y_k]: the weighted mean over bag slots k of the cross-entropy of the
-    same logits (N, V) against targets (N, s), each slot averaged over its rows that are not IGNORE (a slot
-    with none adds 0). Uniform weights by default; with s = 1 it is F.cross_entropy. A logsumexp and a gather of
-    the s target columns keep nothing of the vocabulary's size but the logits (a log-softmax would keep another
-    (N, V) float32 tensor for its backward: 13 GiB more at the gpt2 micro-batch, and 10% of the step on an H200)."""
+    """MCE = logsumexp(z) - sum_k w_k z[y_k]: the weighted mean over bag slots k of the cross-entropy of logits (N, V)
+    against targets (N, s), each slot averaged over its rows that are not IGNORE (a slot with none adds 0); with s = 1
+    it is F.cross_entropy. Not a log-softmax: that keeps another (N, V) float32 tensor (13 GiB at the gpt2 micro-batch,
+    10% of an H200 step)."""
     z = logits.float()
     valid = targets != IGNORE
     per_target = torch.logsumexp(z, dim=-1, keepdim=True) - z.gather(1, targets.clamp(min=0))
@@ -508,25 +449,20 @@ def multi_hot_cross_entropy(logits, targets, weights=None):
         return per_slot.mean()
     return (per_slot * weights).sum() / weights.sum()
 
-
 def slot_weights(s, kind, device):
     """Within-bag loss weights: None for uniform, 1/i for 'power' (the paper's better choice for s >= 8)."""
     if kind == "uniform" or s == 1:
         return None
     return 1.0 / torch.arange(1, s + 1, device=device, dtype=torch.float32)
 
-
 def mtp_weights(k, progress, device):
-    """Multi-token prediction weights for the next k tokens: 1, 1/2, 1/4, ... annealed linearly to plain
-    next-token (1, 0, 0, ...) as progress through the next-token phase goes from 0 to 1."""
+    """Weights of the next k tokens, 1, 1/2, 1/4, ..., annealed to (1, 0, 0, ...) as progress goes from 0 to 1."""
     w = 0.5 ** torch.arange(k, device=device, dtype=torch.float32) * (1.0 - progress)
     w[0] = 1.0
     return w
 
-
 def batch_for(step, windows, args, device):
-    """Model inputs, targets and slot weights of a step from its token windows, on the device. With s = 1 and
-    mtp_k = 1 this is the baseline's next-token batch."""
+    """A step's inputs, targets and slot weights on the device; with s = 1 and mtp_k = 1, the baseline's batch."""
     tokens, s = windows.to(device, non_blocking=True), bag_size_at(step, args.phases)
     if s == 1 and args.mtp_k == 1:
         return tokens[:, :-1], tokens[:, 1:], None
@@ -544,20 +480,15 @@ def batch_for(step, windows, args, device):
 # -----------------------------------------------------------------------------------------------------
 # Optimizer and schedule
 
-# Adam's epsilon as the reference sets it, for its loss summed over a step's tokens. This trainer averages
-# the loss instead, so its gradients are (tokens a step) times smaller; Adam's update is unchanged when eps
-# shrinks by the same factor (m / (sqrt(v) + eps) is scale-free but for eps).
+# The reference's Adam epsilon, for its loss summed over a step's tokens. Averaging the loss makes gradients (tokens
+# a step) times smaller; Adam's update is the same when eps shrinks by that factor too.
 ADAM_EPS_FOR_SUMMED_LOSS = 1e-10
-
 
 all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # its name from torch 2.13
 
-
 class Muon(torch.optim.Muon):
-    """torch's Muon with its work split over ranks as the reference splits it: the matrices sorted by size, largest
-    first, rank r updates the r-th of every world_size of them (and keeps their momentum alone), then every rank
-    all-gathers the updated matrices. With one process it is torch's Muon over all of them."""
-
+    """torch's Muon, its work split over ranks as the reference splits it: of the matrices sorted largest first, rank
+    r updates (and keeps the momentum of) every world_size-th from the r-th, then all ranks all-gather them."""
     def __init__(self, matrices, rank=0, world_size=1, **settings):
         self.matrices = sorted(matrices, key=lambda p: p.size(), reverse=True)
         self.rank, self.world_size = rank, world_size
@@ -567,8 +498,7 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def share(self, tensors):
-        """Each block of world_size tensors (in the matrices' order) from the ranks that own them, as flat buffers:
-        one all-gather a block, whatever the shapes in it."""
+        """Each block of world_size tensors from the ranks that own them: one flat all-gather a block."""
         for start in range(0, len(tensors), self.world_size):
             block = tensors[start:start + self.world_size]
             width = max(t.numel() for t in block)
@@ -585,8 +515,7 @@ class Muon(torch.optim.Muon):
             p.grad = None
 
     def state_dict(self):
-        """The momentum of every matrix, gathered from its owner (every rank takes part): a checkpoint resumes on any
-        number of processes."""
+        """Every matrix's momentum (every rank takes part): a checkpoint resumes on any number of processes."""
         momentum = [self.state[p]["momentum_buffer"] if p in self.state else torch.zeros_like(p) for p in self.matrices]
         if self.world_size > 1:
             self.share(momentum)
@@ -599,11 +528,9 @@ class Muon(torch.optim.Muon):
         for p, buffer in zip(self.param_groups[0]["params"], mine):
             self.state[p]["momentum_buffer"] = buffer.to(p.device, copy=True)
 
-
 def make_optimizers(model, args, rank=0, world_size=1):
-    """The track-3 recipe: Muon (Nesterov momentum 0.95, 12 Newton-Schulz steps with coefficients (2, -1.5, 0.5),
-    update scaled by sqrt(max(1, rows/cols))) for the blocks' matrices, its work split over the ranks; AdamW
-    (0.8, 0.95), fused, for the embedding, the head's weight and every vector (biases and gains)."""
+    """The track-3 recipe: Muon (Nesterov 0.95, 12 Newton-Schulz steps (2, -1.5, 0.5), update x sqrt(max(1, rows /
+    cols))) for the blocks' matrices; AdamW (0.8, 0.95) for the embedding, the head's weight, biases and gains."""
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]
     adam = torch.optim.AdamW([dict(params=[model.wte.weight], lr=args.embed_lr),
@@ -619,14 +546,12 @@ def make_optimizers(model, args, rank=0, world_size=1):
             group["peak_lr"] = group["lr"]  # the reference's initial_lr
     return optimizers
 
-
 def lr_multiplier(step, args):
     """Warmup-stable-decay: linear warmup, flat, then linear decay to 0 over the last cooldown_frac of steps."""
     if step < args.warmup_steps:
         return (step + 1) / args.warmup_steps
     cooldown = args.cooldown_frac * args.steps
     return min(1.0, (args.steps - step) / cooldown) if cooldown > 0 else 1.0
-
 
 def val_due(step, args):
     """Validate at the start, at the end, every val_every steps, and every final_val_every over the last 10%."""
@@ -653,7 +578,6 @@ def train_step(model, optimizers, inputs, targets, weights, accum, lr_mult):
         opt.zero_grad(set_to_none=True)
     return total
 
-
 @torch.no_grad()
 def val_loss_sum(model, val_windows, micro_batch_size, device):
     """This rank's summed next-token loss over its val windows, left on the device (no sync per micro-batch)."""
@@ -665,21 +589,18 @@ def val_loss_sum(model, val_windows, micro_batch_size, device):
     model.train()
     return total
 
-
 def evaluate(model, val_windows, micro_batch_size, device):
     """Plain next-token loss on the fixed val slice, averaged over all ranks' windows, whatever the phase."""
     loss_sum, count = all_reduce_sum([val_loss_sum(model, val_windows, micro_batch_size, device), len(val_windows)],
                                      device)
     return loss_sum / count
 
-
 def train(args, stop, run):
-    """Set-up before the clock (every check of the input on every rank, the compile warmup, the optimizers), then
-    track-3's loop: a validation, a checkpoint and a training section a step. `run` closes the log and the
-    process group however the run ends; `stop` holds the stop signals caught."""
+    """Set-up before the clock (the input checked on every rank, the warmup), then track-3's loop. `run` closes the
+    log and the process group however the run ends; `stop` holds the stop signals caught."""
     rank, world_size, device = run.enter_context(process_group(args.device))
     torch.manual_seed(args.seed)
-    loader, val_windows, resume_state, data_line, extras = load_inputs(args, rank, world_size, device)
+    loader, val_windows, resume_state, data_line, eval_inputs = load_inputs(args, rank, world_size, device)
     log = run.enter_context(open_log(args, rank, world_size, device, resume_state, data_line))
     if log.finished:
         return 0
@@ -735,14 +656,9 @@ def train(args, stop, run):
                      f" {clock(step + 1, train_ms, tokens_seen)}{mfu(flops_per_gpu, step + 1, train_ms, args)}",
                      console_extra=eta(step + 1, train_ms, args.steps))
     stop.training = False  # what follows is not a training step: a stop signal stops it at once
-    if not (last_step or reached):  # stopped by a signal
-        signum = stop.caught[0] if stop.caught else signal.SIGTERM
-        log.close(f"interrupted: {signal.Signals(signum).name} at step:{step}/{args.steps}"
-                  f" {clock(step, train_ms, tokens_seen)}{peak_memory(device)}; continue with the same command and"
-                  f" --resume {log.last_checkpoint}")
-        raise_if_any_rank_failed(log.error, device)
-        return 128 + signum
-    finish(args, raw_model, log, step, val_loss, reached, train_ms, tokens_seen, extras, rank, world_size, device)
+    if not (last_step or reached):
+        return interrupted(stop.caught, args, log, step, train_ms, tokens_seen, device)
+    finish(args, raw_model, log, step, val_loss, reached, train_ms, tokens_seen, eval_inputs, rank, world_size, device)
     return 0
 
 
@@ -751,6 +667,15 @@ def train(args, stop, run):
 # compile warmup and the out-of-memory fit, stop signals, checkpoints, the record log, and what is done with
 # the final model (export, HellaSwag, a sample). It stays in this file so that the record log holds it too.
 #######################################################################################################
+
+class UsageError(Exception):
+    """Bad input (a flag, a shard, a checkpoint): reported on one line, exit code 2."""
+
+class Diverged(Exception):
+    """A non-finite loss: the run stops at once, exit code 1."""
+
+class WriteFailed(Exception):
+    """A file the run writes (its log, a checkpoint, the export) could not be written: exit code 1."""
 
 def check_shard(path):
     """The token count of a whole shard, or a UsageError naming what is wrong with its header or size."""
@@ -773,13 +698,11 @@ def check_shard(path):
                          f" but the file has {size} bytes: truncated or corrupt")
     return n_tokens
 
-
 def find_shards(pattern):
     files = sorted(glob.glob(pattern))
     if not files:
         raise UsageError(f"no shard matches {pattern} (see data/README.md to download or prepare shards)")
     return files
-
 
 def check_token_ids(tokens, vocab_size, path, offset):
     """Ids at or past the vocabulary would index past the embedding table: refuse them by name."""
@@ -788,12 +711,10 @@ def check_token_ids(tokens, vocab_size, path, offset):
         where = offset + int(np.argmax(tokens >= vocab_size))
         raise UsageError(f"{path}: token id {top} at position {where} is not below --vocab_size {vocab_size}")
 
-
 def model_flops_per_token(model, seq_len):
     """6 FLOPs per matmul weight per token (forward and backward) plus attention's 12 * layers * width * T."""
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n != "wte.weight")
     return 6 * matmul_params + 12 * len(model.blocks) * model.wte.embedding_dim * seq_len
-
 
 def check_args(args, world_size, on_sample, auto):
     """Reject impossible values before any work, each with one line."""
@@ -803,8 +724,6 @@ def check_args(args, world_size, on_sample, auto):
         raise UsageError(f"--tst_r must be in [0, 1), got {args.tst_r}")
     if args.tst_s < 1:
         raise UsageError(f"--tst_s must be at least 1, got {args.tst_s}")
-    if args.tst_s > 1 and args.tst_schedule != f"{args.tst_s}:{args.tst_r}":
-        raise UsageError("give either --tst_schedule or --tst_s/--tst_r, not both")
     for key in ["n_layer", "n_embd", "n_head", "steps", "batch_size", "micro_batch_size", "val_tokens", "log_every",
                 "mtp_k", "lr", "embed_lr", "head_lr", "scalar_lr", "peak_tflops", "temperature"]:
         if getattr(args, key) <= 0:
@@ -856,15 +775,12 @@ def check_args(args, world_size, on_sample, auto):
               f" for GPT-2: python data/cached_fineweb10B.py {fineweb_shards_needed(baseline)}, then the same command",
               file=sys.stderr)
 
-
 def bag_sizes(args):
     return sorted({size for size, _ in args.phases} | {1})
-
 
 def step_windows(args):
     """The window length each step reads, in order (s*T+1 tokens in a superposition step that reads bags)."""
     return [window_tokens(bag_size_at(step, args.phases), args.tst_mode, args.seq_len) for step in range(args.steps)]
-
 
 def sequential_shards(windows, batch_size, shard_lengths, further_shard):
     """How many shards the sequential walk enters to read a step of `batch_size` windows of each length in
@@ -878,11 +794,9 @@ def sequential_shards(windows, batch_size, shard_lengths, further_shard):
         offset += need - 1
     return shard + 1
 
-
 def fineweb_shards_needed(args):
     """FineWeb shards this run would read in order (each holds FINEWEB_SHARD_TOKENS)."""
     return sequential_shards(step_windows(args), args.batch_size, [], FINEWEB_SHARD_TOKENS)
-
 
 def check_fits(loader, window):
     need, longest = loader.chunk_tokens(window), max(len(s) for s in loader.shards)
@@ -890,7 +804,6 @@ def check_fits(loader, window):
         what = f"{loader.batch_size} windows of {window}" if loader.order == "sequential" else f"windows of {window}"
         raise UsageError(f"a step needs {need} consecutive tokens ({what}) but the longest train shard holds"
                          f" {longest}: lower --batch_size, --seq_len or the bag size")
-
 
 def data_summary(loader, args):
     """The log's `data:` line: the train tokens the run reads against what its shards hold. A sequential run that
@@ -931,7 +844,6 @@ def process_group(device_type):
     finally:
         dist.destroy_process_group()
 
-
 def all_reduce_sum(values, device):
     """Sum floats or 0-d tensors over ranks; one collective and one host sync."""
     t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
@@ -939,12 +851,10 @@ def all_reduce_sum(values, device):
         dist.all_reduce(t)
     return t.tolist()
 
-
 def raise_if_any_rank_failed(error, device):
     """Every rank raises when one has: a rank that stopped alone would leave the others waiting in a collective."""
     if all_reduce_sum([float(error is not None)], device)[0]:
         raise error or UsageError("another process stopped on an error (its message is above)")
-
 
 def load_inputs(args, rank, world_size, device):
     """Everything that can be wrong with the input, found before the first step, on every rank: the shards and the
@@ -961,14 +871,12 @@ def load_inputs(args, rank, world_size, device):
             raise UsageError(f"--val_files {args.val_files} names train shards ({sorted(shared)[0]}): validation would"
                              " score text the model trains on")
         val_windows = load_val_windows(args.val_files, args.val_tokens, args.seq_len, rank, world_size, args.vocab_size)
-        extras = argparse.Namespace()
         resume_state = load_checkpoint(args.resume, args) if args.resume else None
-        extras.hellaswag_items = load_hellaswag(args.hellaswag) if args.hellaswag else []
-        extras.enc = gpt2_encoding() if args.hellaswag or args.sample_tokens else None
+        eval_inputs = downstream_inputs(args)
     except UsageError as e:
         problem = e
     raise_if_any_rank_failed(problem, device)
-    return loader, val_windows, resume_state, data_line, extras
+    return loader, val_windows, resume_state, data_line, eval_inputs
 
 
 # --- compile warmup and the out-of-memory fit
@@ -987,10 +895,8 @@ def warm_up(train_model, model, optimizers, args, val_windows, world_size, devic
             train_step(train_model, optimizers, *batch_for(step, windows, args, device), accum, 0.0)
     val_loss_sum(model, val_windows[:args.micro_batch_size], args.micro_batch_size, device)
 
-
 NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                   else {"broadcast_buffers": False})  # the name torch 2.13 gives it
-
 
 def fit_micro_batch(raw_model, args, val_windows, world_size, device):
     """Compile (if asked), wrap in DDP and warm up, halving the micro-batch while any rank runs out of memory:
@@ -1040,16 +946,13 @@ def fit_micro_batch(raw_model, args, val_windows, world_size, device):
 
 class Stopped(Exception):
     """A stop signal while no training step runs (set-up, warmup, the final evaluation): exit 128 + the signal."""
-
     def __init__(self, signum):
         super().__init__(f"{signal.Signals(signum).name} while no training step was running")
         self.signum = signum
 
-
 class StopSignals:
     """SIGINT and SIGTERM. During training (`training` set) they are only recorded in `caught`: every rank ends its
     step, the ranks vote, and the run checkpoints and exits. Otherwise they raise Stopped at once."""
-
     def __enter__(self):
         self.caught, self.training = [], False
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1073,15 +976,12 @@ RESUMABLE_ANYWAY = {"resume", "run_id", "log_dir", "save_every", "val_every", "f
                     "eval_only", "target_val_loss", "micro_batch_size", "train_files", "val_files", "peak_tflops",
                     "preset"}
 
-
 def run_settings(args):
     """The flags that define a run, as logged and checkpointed (the parsed schedule and the notes come from them)."""
     return {k: v for k, v in vars(args).items() if k not in ("phases", "notes")}
 
-
 def run_dir(args):
     return os.path.join(args.log_dir, args.run_id)
-
 
 def save_checkpoint(path, state):
     """Atomic: an error, a full disk or a stop signal during the write leaves the previous checkpoint as it was and
@@ -1097,14 +997,12 @@ def save_checkpoint(path, state):
         with contextlib.suppress(OSError):
             os.remove(tmp)
 
-
 def write_error(e, path):
     if isinstance(e, OSError):
         return e.strerror or str(e)
     folder = os.path.dirname(path) or "."
     free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
     return f"{str(e).splitlines()[0][:80]}; {free:,} bytes free on its disk"
-
 
 def checkpoint_reason(step, start, args, reached, stopping):
     """Why the run checkpoints after `step` steps, or None: a phase switch, the end, a stop signal, or --save_every."""
@@ -1118,7 +1016,6 @@ def checkpoint_reason(step, start, args, reached, stopping):
     if stopping:
         return "interrupted"
     return "periodic" if args.save_every and step % args.save_every == 0 else None
-
 
 def checkpoint(args, step, reason, model, optimizers, loader, train_ms, tokens_seen, log, rank):
     """Every rank gathers Muon's momentum; rank 0 writes; every rank stops if it could not."""
@@ -1137,7 +1034,6 @@ def checkpoint(args, step, reason, model, optimizers, loader, train_ms, tokens_s
     raise_if_any_rank_failed(failure or log.error, next(model.parameters()).device)
     log.last_checkpoint = path
     log.line(f"checkpoint: step:{step} {reason} {path}")
-
 
 def load_checkpoint(path, args):
     """A checkpoint written by this code for this run's settings, or a UsageError saying why not."""
@@ -1161,7 +1057,6 @@ def load_checkpoint(path, args):
             raise UsageError(f"--resume {path}: the checkpoint has --{key} {saved_args[key]}, this run has {value}")
     return state
 
-
 def resume(state, model, optimizers, loader, args):
     """The step, training clock and token count to go on from (a checkpoint's, its model, optimizers, loader and
     random state put back), or a fresh run's zeros."""
@@ -1181,23 +1076,19 @@ def resume(state, model, optimizers, loader, args):
 def clock(step, train_ms, tokens_seen):
     return f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step if step else 0.0:.2f}ms tokens:{tokens_seen}"
 
-
 def mfu(flops_per_step, step, train_ms, args):
     """Model FLOPs utilisation of one GPU's share of a step against --peak_tflops (CUDA only)."""
     if args.device != "cuda":
         return ""
     return f" mfu:{100 * flops_per_step / (train_ms / step * 1e-3) / (args.peak_tflops * 1e12):.1f}%"
 
-
 def eta(step, train_ms, steps):
     left = train_ms / step * (steps - step) / 1000
     return f" eta:{left // 60:.0f}m{left % 60:02.0f}s" if left > 60 else ""
 
-
 def peak_memory(device):
     """The final line's peak device memory (CUDA only)."""
     return f" peak_mem:{torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f}GiB" if device.type == "cuda" else ""
-
 
 def device_lines(device, world_size):
     """The header's hardware lines: the device, and on CUDA nvidia-smi's output (noted, not fatal, when missing)."""
@@ -1211,12 +1102,10 @@ def device_lines(device, world_size):
         lines.append(f"nvidia-smi: not available ({type(e).__name__}: {e})")
     return lines
 
-
-class RunLog:
+class RunLog(contextlib.AbstractContextManager):
     """Rank 0 writes the source, the environment, the hyperparameters (one JSON line), then a line per logged step;
     the console shows the same lines. Its last line says how the run ended: a run that raises ends `failed:`. It
     knows the steps done and the last checkpoint, which a failure names."""
-
     def __init__(self, path, file, fresh, step, steps, last_checkpoint):
         self.path, self.file, self.fresh, self.step, self.steps = path, file, fresh, step, steps
         self.last_checkpoint, self.finished, self.error = last_checkpoint or "none", False, None
@@ -1238,13 +1127,9 @@ class RunLog:
             self.file.close()
             self.file = None
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, kind, error, traceback):
         why = f"{kind.__name__}: {error}" if kind else "no last line"
         self.close(f"failed: step:{self.step}/{self.steps} {why}")
-
 
 def open_log(args, rank, world_size, device, resume_state, data_line):
     """The record log <log_dir>/<run_id>.txt, opened before the warmup so that a log directory that cannot be written
@@ -1289,7 +1174,6 @@ def open_log(args, rank, world_size, device, resume_state, data_line):
         log.finished = True
     return log
 
-
 def create_log(args, resume_state, default):
     """The open log file: appended to when resuming the run that wrote it, else created new (exclusively: two runs
     started at once cannot both take it) where no run's log or checkpoints are."""
@@ -1312,7 +1196,6 @@ def create_log(args, resume_state, default):
                                  " run's; give another --run_id, or --resume one of its checkpoints") from None
     raise UsageError(f"--log_dir {args.log_dir}: no free run id for {args.run_id}")
 
-
 def log_model(log, model, flops_per_step, accum, args, world_size, resume_state, warmup_notes):
     """The warmup's notes, then the `model:` line (after the warmup: the micro-batch is final) in a new log and the
     resume line."""
@@ -1328,49 +1211,34 @@ def log_model(log, model, flops_per_step, accum, args, world_size, resume_state,
 
 # --- the final model: export, HellaSwag and a sample (untimed, after the clock)
 
-def data_module(name):
-    """A module of data/ (the offline GPT-2 tokenizer, HellaSwag), imported when a run first needs it; its errors
+def from_data(module, function, *args):
+    """A function of data/ (the offline GPT-2 tokenizer, HellaSwag), imported when a run first needs it; its errors
     are reported as this file's."""
-    folder = os.path.join(HERE, "data")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    return importlib.import_module(name)
-
-
-def gpt2_encoding():
-    prepare = data_module("prepare")
+    if os.path.join(HERE, "data") not in sys.path:
+        sys.path.insert(0, os.path.join(HERE, "data"))
     try:
-        return prepare.gpt2_encoding()
-    except prepare.DataError as e:
+        return getattr(importlib.import_module(module), function)(*args)
+    except importlib.import_module("prepare").DataError as e:
         raise UsageError(str(e)) from None
 
-
-def load_hellaswag(n):
-    try:
-        return data_module("hellaswag").load_items(n)
-    except data_module("prepare").DataError as e:
-        raise UsageError(str(e)) from None
-
+def downstream_inputs(args):
+    """The HellaSwag items and the tokenizer that --hellaswag and --sample_tokens need, loaded before any work."""
+    items = from_data("hellaswag", "load_items", args.hellaswag) if args.hellaswag else []
+    return items, from_data("prepare", "gpt2_encoding") if args.hellaswag or args.sample_tokens else None
 
 def downstream(model, args, items, enc, rank, world_size, device):
     """The record log's lines about the final model: HellaSwag over the items (shared over ranks), and a sample."""
     lines = []
     if items:
-        counts = data_module("hellaswag").hellaswag_counts(model, items[rank::world_size], enc, device)
+        counts = from_data("hellaswag", "hellaswag_counts", model, items[rank::world_size], enc, device)
         right_norm, right = all_reduce_sum(list(counts), device)
-        n = len(items)
-        lines.append(f"hellaswag: acc_norm {right_norm / n:.4f} acc {right / n:.4f} ({n} items)")
+        lines.append(f"hellaswag: acc_norm {right_norm / len(items):.4f} acc {right / len(items):.4f}"
+                     f" ({len(items)} items)")
     if args.sample_tokens:
         prompt = enc.encode(args.sample_prompt)
         new = model.generate(prompt, args.sample_tokens, args.temperature, args.top_k, args.seed, enc.n_vocab)
         lines.append("sample: " + json.dumps(args.sample_prompt + enc.decode(new)))
     return lines
-
-
-def export_model(model, args, path):
-    """The weights alone and the shape to rebuild them: what inference needs, without the training state."""
-    save_checkpoint(path, dict(config=model_config(args), dtype=args.dtype, model=model.state_dict()))
-
 
 def load_model(path, device):
     """A GPT from an exported model.pt or from any checkpoint a run wrote."""
@@ -1387,17 +1255,18 @@ def load_model(path, device):
     model.load_state_dict(state["model"])
     return model
 
-
-def finish(args, model, log, step, val_loss, reached, train_ms, tokens_seen, extras, rank, world_size, device):
+def finish(args, model, log, step, val_loss, reached, train_ms, tokens_seen, eval_inputs, rank, world_size, device):
     """A run's untimed end: the export, HellaSwag and a sample into the log, then the `done:` line."""
     peak, failure = peak_memory(device), None
     if rank == 0:
         try:
-            export_model(model, args, os.path.join(run_dir(args), "model.pt"))
+            # the weights alone and the shape to rebuild them: what inference needs, without the training state
+            save_checkpoint(os.path.join(run_dir(args), "model.pt"),
+                            dict(config=model_config(args), dtype=args.dtype, model=model.state_dict()))
         except WriteFailed as e:
             failure = WriteFailed(f"{e}; last good checkpoint: {log.last_checkpoint}")
     raise_if_any_rank_failed(failure or log.error, device)
-    for line in downstream(model, args, extras.hellaswag_items, extras.enc, rank, world_size, device):
+    for line in downstream(model, args, *eval_inputs, rank, world_size, device):
         log.line(line)
     target = "none" if args.target_val_loss is None else (
         f"reached {args.target_val_loss} at step:{reached[0]} train_time:{reached[1]:.0f}ms" if reached
@@ -1406,16 +1275,22 @@ def finish(args, model, log, step, val_loss, reached, train_ms, tokens_seen, ext
               f" target:{target}{peak}")
     raise_if_any_rank_failed(log.error, device)
 
+def interrupted(caught, args, log, step, train_ms, tokens_seen, device):
+    """A run stopped by a signal: its last line says how to go on; exit code 128 + the signal."""
+    signum = caught[0] if caught else signal.SIGTERM
+    log.close(f"interrupted: {signal.Signals(signum).name} at step:{step}/{args.steps}"
+              f" {clock(step, train_ms, tokens_seen)}{peak_memory(device)}; continue with the same command and"
+              f" --resume {log.last_checkpoint}")
+    raise_if_any_rank_failed(log.error, device)
+    return 128 + signum
 
 def evaluate_only(args):
     """--eval_only: HellaSwag and a sample of a saved model, printed; no training."""
     device = torch.device(args.device)
     model = load_model(args.eval_only, device)
-    items = load_hellaswag(args.hellaswag) if args.hellaswag else []
-    for line in downstream(model, args, items, gpt2_encoding(), 0, 1, device):
+    for line in downstream(model, args, *downstream_inputs(args), 0, 1, device):
         print(line, flush=True)
     return 0
-
 
 def main(argv=None):
     """Exit codes: 0 done, 1 diverged or a write or host memory failed, 2 bad input, 128 + the signal when stopped."""
@@ -1435,7 +1310,6 @@ def main(argv=None):
     except Stopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 128 + e.signum
-
 
 if __name__ == "__main__":
     sys.exit(main())
