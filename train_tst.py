@@ -997,6 +997,16 @@ def save_checkpoint(path, state):
         with contextlib.suppress(OSError):
             os.remove(tmp)
 
+def save_on_rank_0(path, state, rank, log, device):
+    """Rank 0 writes `state`; every rank stops if it could not, or if the record log could not be written."""
+    failure = None
+    if rank == 0:
+        try:
+            save_checkpoint(path, state)
+        except WriteFailed as e:
+            failure = WriteFailed(f"{e}; last good checkpoint: {log.last_checkpoint}")
+    raise_if_any_rank_failed(failure or log.error, device)
+
 def write_error(e, path):
     if isinstance(e, OSError):
         return e.strerror or str(e)
@@ -1018,20 +1028,15 @@ def checkpoint_reason(step, start, args, reached, stopping):
     return "periodic" if args.save_every and step % args.save_every == 0 else None
 
 def checkpoint(args, step, reason, model, optimizers, loader, train_ms, tokens_seen, log, rank):
-    """Every rank gathers Muon's momentum; rank 0 writes; every rank stops if it could not."""
+    """Every rank gathers Muon's momentum (a collective); rank 0 writes; every rank stops if it could not."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):  # an update can poison the weights
         raise Diverged(f"non-finite weights after step {step}; last good checkpoint: {log.last_checkpoint}")
-    path, failure = os.path.join(run_dir(args), f"step_{step:06d}.pt"), None
-    optimizer_states = [o.state_dict() for o in optimizers]
-    if rank == 0:
-        try:
-            save_checkpoint(path, dict(format=CHECKPOINT_FORMAT, code_sha=CODE_SHA, args=run_settings(args),
-                                       run_id=args.run_id, step=step, train_ms=train_ms, tokens_seen=tokens_seen,
-                                       model=model.state_dict(), optimizers=optimizer_states,
-                                       loader=loader.state_dict(), rng_cpu=torch.get_rng_state()))
-        except WriteFailed as e:
-            failure = WriteFailed(f"{e}; last good checkpoint: {log.last_checkpoint}")
-    raise_if_any_rank_failed(failure or log.error, next(model.parameters()).device)
+    path = os.path.join(run_dir(args), f"step_{step:06d}.pt")
+    state = dict(format=CHECKPOINT_FORMAT, code_sha=CODE_SHA, args=run_settings(args), run_id=args.run_id, step=step,
+                 train_ms=train_ms, tokens_seen=tokens_seen, model=model.state_dict(),
+                 optimizers=[o.state_dict() for o in optimizers], loader=loader.state_dict(),
+                 rng_cpu=torch.get_rng_state())
+    save_on_rank_0(path, state, rank, log, next(model.parameters()).device)
     log.last_checkpoint = path
     log.line(f"checkpoint: step:{step} {reason} {path}")
 
@@ -1257,15 +1262,10 @@ def load_model(path, device):
 
 def finish(args, model, log, step, val_loss, reached, train_ms, tokens_seen, eval_inputs, rank, world_size, device):
     """A run's untimed end: the export, HellaSwag and a sample into the log, then the `done:` line."""
-    peak, failure = peak_memory(device), None
-    if rank == 0:
-        try:
-            # the weights alone and the shape to rebuild them: what inference needs, without the training state
-            save_checkpoint(os.path.join(run_dir(args), "model.pt"),
-                            dict(config=model_config(args), dtype=args.dtype, model=model.state_dict()))
-        except WriteFailed as e:
-            failure = WriteFailed(f"{e}; last good checkpoint: {log.last_checkpoint}")
-    raise_if_any_rank_failed(failure or log.error, device)
+    peak = peak_memory(device)
+    # the weights alone and the shape to rebuild them: what inference needs, without the training state
+    save_on_rank_0(os.path.join(run_dir(args), "model.pt"),
+                   dict(config=model_config(args), dtype=args.dtype, model=model.state_dict()), rank, log, device)
     for line in downstream(model, args, *eval_inputs, rank, world_size, device):
         log.line(line)
     target = "none" if args.target_val_loss is None else (
