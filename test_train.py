@@ -74,18 +74,6 @@ def train_rows(lines):
     return [(int(m[1]), float(m[2]), m[3], int(m[4]), int(m[5])) for m in (re.match(pattern, l) for l in lines) if m]
 
 
-def synthetic_log(path, schedule, points, seed=0, **other):
-    """A record log with val points (step, loss, ms, tokens)."""
-    settings = dict(dict(tst_schedule=schedule, tst_mode="full", seed=seed, steps=points[-1][0], embed_lr=0.001,
-                         train_files="/work/data/sample/sample_train_*.bin"), **other)
-    lines = ["# source", compare.SEPARATOR, "python 3 torch 2", json.dumps(settings)]
-    lines += [f"step:{s}/{points[-1][0]} val_loss:{l:.4f} train_time:{ms}ms step_avg:{ms / max(1, s):.2f}ms tokens:{t}"
-              for s, l, ms, t in points]
-    lines.append(f"done: step:{points[-1][0]}/{points[-1][0]} val_loss:{points[-1][1]:.4f}")
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
 
 # ---------------------------------------------------------------------------------------------------
 # TST math
@@ -1444,10 +1432,3 @@ def test_an_exported_model_given_to_resume_is_named_as_one(shards, tmp_path, cap
     assert T.main(tiny(shards, tmp_path, steps=2)) == 0
     run_expecting_error(tiny(shards, tmp_path, "--run_id", "b", "--resume", str(tmp_path / "logs" / "run" / "model.pt")),
                         capsys, "an exported model (weights only", "which --eval_only reads")
-
-
-def test_compare_says_when_a_speedup_crosses_budgets(tmp_path, capsys):
-    base = synthetic_log(tmp_path / "b.txt", "", [(0, 10, 0, 0), (200, 4, 2000, 20), (400, 3.5, 4000, 40)])
-    short = synthetic_log(tmp_path / "s.txt", "4:0.3", [(0, 10, 0, 0), (30, 5, 300, 6), (60, 4.2, 600, 12)], seed=1)
-    assert compare.main([base, short]) == 0
-    assert "(budgets differ: 60 vs 400 steps)" in capsys.readouterr().out

@@ -25,6 +25,11 @@ DATASETS = {  # name: (hub dataset, file prefix, train shards)
 }
 
 
+def staging_dir(local_dir):
+    """Where shards download before they are whole: beside local_dir, so the trainer never picks up a partial one."""
+    return local_dir.rstrip(os.sep) + ".partial"
+
+
 def fetch(repo_id, filename, local_dir):
     """Make local_dir/filename a whole shard; returns 'present' or 'downloaded'. Raises RuntimeError."""
     path = os.path.join(local_dir, filename)
@@ -34,7 +39,7 @@ def fetch(repo_id, filename, local_dir):
             return "present"
         print(f"{problem}; fetching it again", file=sys.stderr)
         os.remove(path)
-    staging = local_dir.rstrip(os.sep) + ".partial"
+    staging = staging_dir(local_dir)
     for attempt in range(2):
         try:
             staged = hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", local_dir=staging,
@@ -70,7 +75,7 @@ def main(argv=None):
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    shutil.rmtree(local_dir.rstrip(os.sep) + ".partial", ignore_errors=True)  # the hub's metadata of finished downloads
+    shutil.rmtree(staging_dir(local_dir), ignore_errors=True)  # the hub's metadata of finished downloads
     print(f"{local_dir}: {results.count('downloaded')} shards downloaded, {results.count('present')} already present")
     return 0
 

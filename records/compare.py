@@ -96,13 +96,13 @@ def reference_check(runs, trials, noise=TRACK3_NOISE):
             ours.setdefault(step, []).append(loss)
     rows = []
     for step in sorted(theirs.keys() & ours.keys()):
-        ref, mine = theirs[step], ours[step]
+        ref, mine, ref_mean = theirs[step], ours[step], float(np.mean(theirs[step]))
         sigma, source = (float(np.std(ref, ddof=1)), f"{len(ref)} trials") if len(ref) >= 3 else (noise, "track-3 README")
         one_run = 3 * sigma * math.sqrt(1 + 1 / len(ref))
-        inside = sum(abs(loss - np.mean(ref)) <= one_run for loss in mine)
-        diff = float(np.mean(mine) - np.mean(ref))
+        inside = sum(abs(loss - ref_mean) <= one_run for loss in mine)
+        diff = float(np.mean(mine)) - ref_mean
         of_mean = 3 * sigma * math.sqrt(1 / len(mine) + 1 / len(ref))
-        rows.append(dict(step=step, ref=f"{np.mean(ref):.4f}", sigma=f"{sigma:.4f} ({source})",
+        rows.append(dict(step=step, ref=f"{ref_mean:.4f}", sigma=f"{sigma:.4f} ({source})",
                          ours=" ".join(f"{loss:.4f}" for loss in mine), runs_within=f"{inside} of {len(mine)} (±{one_run:.4f})",
                          diff=f"{diff:+.4f}", within="yes" if abs(diff) <= of_mean else f"no (3σ: {of_mean:.4f})"))
     return rows
@@ -506,7 +506,7 @@ def main(argv=None):
             return 2
         print(markdown_table(rows, REFERENCE_COLUMNS))
         print(f"{sum(r['within'] == 'yes' for r in rows)} of {len(rows)} validation steps: our mean within 3σ of the reference's")
-        print(reference_target_line(runs, trials))
+        print(reference_target_line(runs, trials, REFERENCE_TARGET if args.target is None else args.target))
         return 0
     if args.crossover:
         points = crossover(runs)

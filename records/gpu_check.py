@@ -34,12 +34,14 @@ CPU_TRIAL = ["--device", "cpu", "--n_layer", "2", "--n_embd", "128", "--n_head",
              "--micro_batch_size", "4", "--seq_len", "128", "--val_tokens", "16384"]  # --cpu: tiny, to try the script
 
 
-def gpt2_on_sample(run_id, steps, peak_tflops, extra):
+def gpt2_on_sample(run_id, args, log_dir, extra=()):
+    """The trainer's command for one run (with --cpu, CPU_TRIAL's tiny model; `extra` after it, so it may override)."""
     return [sys.executable, os.path.join(ROOT, "train_tst.py"), "--preset", "gpt2", "--device", "cuda",
             "--train_files", os.path.join(SAMPLE, "sample_train_*.bin"),
             "--val_files", os.path.join(SAMPLE, "sample_val_*.bin"),
-            "--data_order", "shuffled", "--val_tokens", "262144", "--steps", str(steps), "--val_every", "0",
-            "--final_val_every", "0", "--log_every", "1", "--peak_tflops", str(peak_tflops), "--run_id", run_id, *extra]
+            "--data_order", "shuffled", "--val_tokens", "262144", "--steps", str(args.steps), "--val_every", "0",
+            "--final_val_every", "0", "--log_every", "1", "--peak_tflops", str(args.peak_tflops), "--run_id", run_id,
+            "--log_dir", log_dir, *(CPU_TRIAL if args.cpu else []), *extra]
 
 
 def run(command, out, name, timeout):
@@ -68,7 +70,7 @@ def phase_times(log_text):
 def summarize(log_path):
     if not os.path.exists(log_path):
         return None
-    text = open(log_path).read().split("\n" + "=" * 100 + "\n", 1)[-1]
+    text = open(log_path).read().split("\n" + "=" * 100 + "\n", 1)[-1]  # the lines after the source
     flops = re.search(r"([\d.e+]+) FLOPs per step", text)
     flops = float(flops[1]) if flops else float("nan")
     warmup = re.search(r"warmup: (\d+) s", text)
@@ -89,13 +91,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     deadline = time.time() + args.budget
     runs = tempfile.mkdtemp(prefix="gpu_check_")  # checkpoints and exports (GBs at this shape) stay out of `out`
-    tst = ["--tst_s", "8", "--tst_r", "0.9"] + (CPU_TRIAL if args.cpu else [])  # timed steps but the last few: s = 8
+    tst = ["--tst_s", "8", "--tst_r", "0.9"]  # timed steps but the last few: s = 8
     parts = {
-        "baseline": (gpt2_on_sample("baseline", args.steps, args.peak_tflops,
-                                    (CPU_TRIAL if args.cpu else []) + ["--log_dir", runs]), 110),
-        "tst": (gpt2_on_sample("tst_s8", args.steps, args.peak_tflops, tst + ["--log_dir", runs]), 130),
-        "mb32": (gpt2_on_sample("tst_s8_mb32", args.steps, args.peak_tflops,
-                                tst + ["--micro_batch_size", "32", "--log_dir", runs]), 160),
+        "baseline": (gpt2_on_sample("baseline", args, runs), 110),
+        "tst": (gpt2_on_sample("tst_s8", args, runs, tst), 130),
+        "mb32": (gpt2_on_sample("tst_s8_mb32", args, runs, tst + ["--micro_batch_size", "32"]), 160),
         "tests": ([sys.executable, "-m", "pytest", "-q", "-s", os.path.join(ROOT, "test_train.py"), "-k", "cuda"], 120),
     }
     results = []

@@ -1,5 +1,7 @@
 """Tests of records/: compare.py (record logs, iso-loss speedups, the crossover fit, the check against track-3's
 runs, plots), gpu_check.py's summary and benchmark.py's TST timing."""
+import argparse
+import json
 import math
 import os
 import sys
@@ -13,7 +15,19 @@ import benchmark  # noqa: E402
 import compare  # noqa: E402
 import gpu_check  # noqa: E402
 import train_tst as T  # noqa: E402
-from test_train import shards, synthetic_log, tiny  # noqa: E402,F401,F811  shards: the session's fixture
+from test_train import shards, tiny  # noqa: E402,F401,F811  shards: the session's fixture
+
+
+def synthetic_log(path, schedule, points, seed=0, **other):
+    """A record log with val points (step, loss, ms, tokens)."""
+    settings = dict(dict(tst_schedule=schedule, tst_mode="full", seed=seed, steps=points[-1][0], embed_lr=0.001,
+                         train_files="/work/data/sample/sample_train_*.bin"), **other)
+    lines = ["# source", compare.SEPARATOR, "python 3 torch 2", json.dumps(settings)]
+    lines += [f"step:{s}/{points[-1][0]} val_loss:{l:.4f} train_time:{ms}ms step_avg:{ms / max(1, s):.2f}ms tokens:{t}"
+              for s, l, ms, t in points]
+    lines.append(f"done: step:{points[-1][0]}/{points[-1][0]} val_loss:{points[-1][1]:.4f}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
 def test_benchmark_times_a_step_of_each_bag_size_with_the_trainers_batches(monkeypatch):
@@ -248,7 +262,7 @@ def test_gpu_check_summary_takes_each_phases_median_after_its_first_steps(tmp_pa
     gpu_check_log(tmp_path / "tst_s8.txt", steps, lambda step: 8 if step <= 15 else 1, warmup_s=66, peak=41.1)
     summary = gpu_check.summarize(str(tmp_path / "tst_s8.txt"))
     assert summary["times"] == {8: 1100, 1: 1000} and (summary["warmup"], summary["peak"]) == (66, 41.1)
-    args = gpu_check.main.__globals__["argparse"].Namespace(out=str(tmp_path), steps=20, peak_tflops=989.0)
+    args = argparse.Namespace(out=str(tmp_path), steps=20, peak_tflops=989.0)
     gpu_check.write_summary(args, [("baseline", "exit 0 after 94 s", 94), ("tst", "exit 0 after 117 s", 117)])
     text = open(tmp_path / "summary.md").read()
     assert "tst_s8: superposition step / baseline step = 1.100" in text
@@ -263,13 +277,20 @@ def test_a_resumed_logs_repeated_points_count_once_and_the_reference_check_takes
     ref = tmp_path / "ref"
     ref.mkdir()
     for i, d in enumerate((-0.001, 0.0, 0.001)):
-        lines = ["src", compare.SEPARATOR, "x", compare.SEPARATOR] + [
-            f"step:{s}/3250 val_loss:{v + d:.5f} train_time:1.0s step_avg:1.00ms" for s, v in ((125, 5.1), (3250, 3.2787))]
-        (ref / f"{i}.txt").write_text("\n".join(lines) + "\n")
+        track3_log(ref / f"{i}.txt", [[(125, 5.1 + d), (3250, 3.2787 + d)]])
     longer = synthetic_log(tmp_path / "longer.txt", "", [(0, 10, 0, 0), (125, 5.2, 10, 1), (3600, 3.27, 300, 3)], seed=1)
     assert compare.main([path, longer, os.path.join(str(tmp_path), ".", "longer.txt"), "--reference", str(ref)]) == 0
     out = capsys.readouterr().out
     assert "| 125 | 5.1000 |" in out and "| 5.1000 | 1 of 1" in out  # the 3600-step run is not pooled in
     assert "target: mean val loss at the last step 3.2800 over 1 run(s), not under 3.28" in out
+    assert compare.main([path, "--reference", str(ref), "--target", "3.3"]) == 0  # a --target replaces the benchmark's
+    assert "target: mean val loss at the last step 3.2800 over 1 run(s), under 3.3" in capsys.readouterr().out
     assert compare.main([longer, "--reference", str(ref)]) == 2
     assert "no baseline run of the reference's length" in capsys.readouterr().err
+
+
+def test_compare_says_when_a_speedup_crosses_budgets(tmp_path, capsys):
+    base = synthetic_log(tmp_path / "b.txt", "", [(0, 10, 0, 0), (200, 4, 2000, 20), (400, 3.5, 4000, 40)])
+    short = synthetic_log(tmp_path / "s.txt", "4:0.3", [(0, 10, 0, 0), (30, 5, 300, 6), (60, 4.2, 600, 12)], seed=1)
+    assert compare.main([base, short]) == 0
+    assert "(budgets differ: 60 vs 400 steps)" in capsys.readouterr().out
